@@ -1,0 +1,24 @@
+"""fxopt: a compiler-style graph transformation toolkit for PyTorch models.
+
+    graph = fxopt.capture(model, example_inputs)
+    result = fxopt.Pipeline("cleanup")(graph)
+    out = result.graph.run(*example_inputs)
+"""
+from fxopt import errors
+from fxopt.errors import (
+    ArtifactError, CaptureError, FxoptError, InputError, LoweringError, MetadataError, PassError, PatternError,
+)
+from fxopt.ir import Graph, QParams, TensorInfo, capture
+from fxopt.passes import (
+    AnyValue, ExamplePattern, Match, Op, OpPattern, Pass, PassResult, Pipeline, PipelineResult, RewritePass,
+    Rewriter, Var, apply_patterns, register_pass, register_preset, registered_passes, registered_presets,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
+    "Rewriter", "ExamplePattern", "OpPattern", "Op", "Var", "AnyValue", "Match", "apply_patterns", "register_pass",
+    "register_preset", "registered_passes", "registered_presets", "errors", "FxoptError", "CaptureError",
+    "PassError", "PatternError", "MetadataError", "LoweringError", "ArtifactError", "InputError", "__version__",
+]

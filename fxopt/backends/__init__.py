@@ -1,0 +1,1 @@
+"""Backends lower a Graph to something that runs: eager PyTorch, TVM CUDA, x86 int8."""

@@ -1,0 +1,111 @@
+"""Capture a model into an fxopt Graph through ``torch.export`` (non-strict)."""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxopt.errors import CaptureError
+from fxopt.ir import meta as M
+from fxopt.ir.graph import Graph
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FXOPT_DIR = os.path.dirname(os.path.dirname(__file__))
+
+_HINTS = (
+    (("data-dependent", "DataDependent", "GuardOnDataDependent", "Could not guard on data-dependent"),
+     "the model branches in Python on a tensor's value; use torch.where / torch.cond instead of `if`, "
+     "or move the decision out of forward()"),
+    (("Constraints violated", "specialized", "dynamic_shapes"),
+     "a dim marked dynamic was fixed by the model's code; drop it from dynamic_shapes or mark it static"),
+    (("Unsupported", "not supported"),
+     "the model uses a construct torch.export cannot trace; rewrite that line in plain tensor ops"),
+)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    dynamic_shapes: Optional[Any] = None,
+    example_kwargs: Optional[dict] = None,
+    eval_mode: bool = True,
+) -> Graph:
+    """Capture ``model`` into a :class:`Graph` of ATen ops with ``get_attr`` weights.
+
+    The model is deep-copied first, so the caller's model is never mutated.
+    ``eval_mode`` captures the copy in eval mode (dropout and BatchNorm behave
+    as at inference). ``dynamic_shapes`` is passed to ``torch.export``.
+    """
+    _check_arguments(model, example_inputs)
+    work = copy.deepcopy(model)
+    if eval_mode:
+        work.eval()
+    args = tuple(example_inputs)
+    try:
+        exported = torch.export.export(
+            work, args, kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=False
+        )
+        exported = exported.run_decompositions({})
+    except Exception as exc:  # the exporter's errors have no common base class
+        raise _capture_error(model, exc) from exc
+    module = exported.module()
+    _drop_export_guards(module)
+    graph = Graph(module)
+    graph.refresh_meta()
+    return graph
+
+
+def _check_arguments(model, example_inputs) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(
+            f"capture: model is a {type(model).__name__}, not a torch.nn.Module; wrap the function in a Module"
+        )
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError(
+            "capture: example_inputs must be a tuple of tensors, e.g. (x,) for a single input"
+        )
+    for i, x in enumerate(example_inputs):
+        if isinstance(x, torch.Tensor) and x.is_complex():
+            raise CaptureError(
+                f"capture: example input {i} has complex dtype {x.dtype}; fxopt supports real "
+                "floating-point and integer tensors, split complex inputs into real and imaginary parts"
+            )
+
+
+def _drop_export_guards(module: fx.GraphModule) -> None:
+    """Remove the ``_guards_fn`` call that ``ExportedProgram.module()`` inserts; Graph.run checks inputs."""
+    for node in list(module.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            module.graph.erase_node(node)
+    if hasattr(module, "_guards_fn"):
+        delattr(module, "_guards_fn")
+    module.recompile()
+
+
+def _capture_error(model, exc: Exception) -> CaptureError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = _user_source_line(exc)
+    hint = next(
+        (h for keys, h in _HINTS if any(k in str(exc) or k in type(exc).__name__ for k in keys)),
+        "simplify the line named above, or capture a smaller sub-module",
+    )
+    location = f" at {where}" if where else ""
+    return CaptureError(
+        f"capture: torch.export could not trace {type(model).__name__}{location}: "
+        f"{type(exc).__name__}: {reason}; {hint}"
+    )
+
+
+def _user_source_line(exc: Exception) -> Optional[str]:
+    """The deepest frame of the traceback that is the user's code, not torch's or fxopt's."""
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        filename = os.path.abspath(frame.filename)
+        if filename.startswith(_TORCH_DIR) or filename.startswith(_FXOPT_DIR) or "<" in frame.filename:
+            continue
+        found = f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
+    return found
