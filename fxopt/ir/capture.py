@@ -45,6 +45,7 @@ def capture(
     if eval_mode:
         work.eval()
     args = tuple(example_inputs)
+    changes = _watch_python_state(work)
     try:
         exported = torch.export.export(
             work, args, kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=False
@@ -52,6 +53,8 @@ def capture(
         exported = exported.run_decompositions({})
     except Exception as exc:  # the exporter's errors have no common base class
         raise _capture_error(model, exc) from exc
+    if changes:
+        raise _side_effect_error(model, changes[0])
     module = exported.module()
     _drop_export_guards(module)
     graph = Graph(module)
@@ -74,6 +77,54 @@ def _check_arguments(model, example_inputs) -> None:
                 f"capture: example input {i} has complex dtype {x.dtype}; fxopt supports real "
                 "floating-point and integer tensors, split complex inputs into real and imaginary parts"
             )
+
+
+_PLAIN_TYPES = (int, float, bool, str, list, dict, tuple, set, type(None))
+
+
+def _python_state(model: torch.nn.Module) -> dict:
+    """Plain Python attributes of every submodule, copied: what a forward() could mutate unseen."""
+    state = {}
+    for prefix, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if not attr.startswith("_") and attr != "training" and isinstance(value, _PLAIN_TYPES):
+                try:
+                    state[(prefix, attr)] = copy.deepcopy(value)
+                except Exception:  # an uncopyable container holding arbitrary objects
+                    continue
+    return state
+
+
+def _watch_python_state(work: torch.nn.Module) -> list:
+    """Record Python-attribute changes made by forward() while it is traced.
+
+    torch.export restores module attributes after tracing, so the check runs in
+    hooks around the traced call itself.
+    """
+    changes: list = []
+    before: dict = {}
+
+    def snapshot(module, args):
+        before.clear()
+        before.update(_python_state(work))
+
+    def compare(module, args, output):
+        after = _python_state(work)
+        changes.extend((key, value, after[key]) for key, value in before.items() if after.get(key, value) != value)
+
+    work.register_forward_pre_hook(snapshot)
+    work.register_forward_hook(compare)
+    return changes
+
+
+def _side_effect_error(model, change) -> CaptureError:
+    (prefix, attr), old, new = change
+    owner = type(model).__name__ + (f".{prefix}" if prefix else "")
+    return CaptureError(
+        f"capture: {owner}: forward() changes the Python attribute `{attr}` ({old!r} -> {new!r}); the captured "
+        "graph cannot repeat Python side effects, so keep such state in a registered buffer updated with tensor "
+        "ops, or move it out of forward()"
+    )
 
 
 def _drop_export_guards(module: fx.GraphModule) -> None:

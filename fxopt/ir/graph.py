@@ -125,15 +125,18 @@ class Graph:
         return {n.target: self.param(n) for n in self.module.graph.nodes if n.op == "get_attr"}
 
     def remove_unused_params(self) -> int:
-        """Erase get_attr nodes nobody reads and drop their tensors. Returns how many."""
-        removed = 0
+        """Erase get_attr nodes nobody reads and drop every tensor no node refers to. Returns tensors dropped."""
         for n in list(self.module.graph.nodes):
             if n.op == "get_attr" and not n.users:
-                target = n.target
                 self.module.graph.erase_node(n)
-                if not any(m.op == "get_attr" and m.target == target for m in self.module.graph.nodes):
-                    owner, attr = _owner_and_attr(self.module, target)
-                    delattr(owner, attr)
+        referenced = {n.target for n in self.module.graph.nodes if n.op == "get_attr"}
+        stored = [name for name, _ in self.module.named_parameters(remove_duplicate=False)]
+        stored += [name for name, _ in self.module.named_buffers(remove_duplicate=False)]
+        removed = 0
+        for name in stored:
+            if name not in referenced:
+                owner, attr = _owner_and_attr(self.module, name)
+                delattr(owner, attr)
                 removed += 1
         return removed
 
@@ -147,8 +150,9 @@ class Graph:
     def _unique_params(self) -> List[torch.Tensor]:
         seen, out = set(), []
         for t in self.params().values():
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
-                seen.add(id(t))
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if key not in seen:
+                seen.add(key)
                 out.append(t)
         return out
 

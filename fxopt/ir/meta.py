@@ -149,7 +149,7 @@ def _fakeify(mode: FakeTensorMode, x):
     if isinstance(x, fx.Node):
         x = x.meta.get("val")
     if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
-        return mode.from_tensor(x)
+        return mode.from_tensor(x, static_shapes=True)
     if isinstance(x, (list, tuple)):
         return type(x)(_fakeify(mode, v) for v in x)
     return x

@@ -49,6 +49,12 @@ def _check_weight(graph, node) -> None:
         raise MetadataError(f"verify: {describe_node(node)}: refers to a missing weight `{node.target}`") from exc
     if not isinstance(value, torch.Tensor):
         raise MetadataError(f"verify: {describe_node(node)}: `{node.target}` is a {type(value).__name__}, not a tensor")
+    info = M.node_info(node)
+    if isinstance(info, M.TensorInfo) and (info.dtype != value.dtype or info.shape != tuple(value.shape)):
+        raise MetadataError(
+            f"verify: {describe_node(node)}: recorded TensorInfo {info} differs from the stored weight "
+            f"{M.TensorInfo.of(value)}; change weights through graph.replace_param()"
+        )
 
 
 def _check_inferred(node, mode) -> None:

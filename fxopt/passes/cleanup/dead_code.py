@@ -19,4 +19,5 @@ class EliminateDeadCode(Pass):
         graph.fx_graph.eliminate_dead_code()
         removed_params = graph.remove_unused_params()
         removed = before - len(graph)
-        return PassResult(graph, removed > 0, {"removed_nodes": removed, "removed_params": removed_params})
+        modified = removed > 0 or removed_params > 0
+        return PassResult(graph, modified, {"removed_nodes": removed, "removed_params": removed_params})

@@ -12,37 +12,64 @@ from typing import List
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.ir import meta as M
+from fxopt.ir.graph import Graph
+from fxopt.passes.infra.base import PassResult
 from fxopt.passes.infra.driver import RewritePass
-from fxopt.passes.infra.pattern import AnyValue, Op, OpPattern, PatternBase, Var
+from fxopt.passes.infra.pattern import AnyValue, Op, OpPattern, PatternBase, Var, node_argument
 from fxopt.passes.infra.registry import register_pass
 
 aten = torch.ops.aten
 
 
 def _same_value_kind(x, out) -> bool:
-    """x is a tensor node with the same shape, dtype and device as ``out``."""
+    """x is a tensor node with the same shape, dtype, device and strides as ``out``.
+
+    Strides matter: ``clone`` of a transposed tensor makes it contiguous, and
+    the ``view`` after it depends on that.
+    """
     if not isinstance(x, fx.Node):
         return False
     a, b = M.node_info(x), M.node_info(out)
-    return (isinstance(a, M.TensorInfo) and isinstance(b, M.TensorInfo) and a.dtype == b.dtype
+    same = (isinstance(a, M.TensorInfo) and isinstance(b, M.TensorInfo) and a.dtype == b.dtype
             and a.device == b.device and M.shapes_equal(a.shape, b.shape))
+    return same and _same_strides(x.meta.get("val"), out.meta.get("val"))
+
+
+def _same_strides(a, b) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.numel() == 0 or a.dim() == 0:
+        return True
+    significant = [i for i, size in enumerate(a.shape) if not statically_known_true(size == 1)]
+    return all(statically_known_true(a.stride(i) == b.stride(i)) for i in significant)
+
+
+def _same_layout(x, out) -> bool:
+    """x's fake value has provably the same strides as ``out``'s: removing ``out`` keeps later views valid."""
+    a, b = x.meta.get("val"), out.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and M.shapes_equal(a.stride(), b.stride())
 
 
 def forward_input_rewrite(rw, x, out):
-    """Replace ``out`` by its input ``x`` when they hold the same kind of value."""
-    return x if _same_value_kind(x, out) else None
+    """Replace ``out`` by its input ``x`` when they hold the same kind of value with the same layout.
+
+    ``contiguous()`` exports as ``clone(x, memory_format=contiguous_format)``: on a transposed ``x``
+    it is a real copy that a following ``view`` depends on, so it is kept.
+    """
+    return x if _same_value_kind(x, out) and _same_layout(x, out) else None
 
 
 def identity_permute_rewrite(rw, x, dims, out):
     rank = len(M.tensor_info(x).shape)
-    return x if [d % rank for d in dims] == list(range(rank)) else None
+    return x if [d % rank for d in dims] == list(range(rank)) and _same_value_kind(x, out) else None
 
 
 def same_dim_transpose_rewrite(rw, x, a, b, out):
     rank = len(M.tensor_info(x).shape)
-    return x if rank and a % rank == b % rank else None
+    return x if rank and a % rank == b % rank and _same_value_kind(x, out) else None
 
 
 def full_slice_rewrite(rw, x, dim, start, end, step, out):
@@ -83,7 +110,27 @@ def noop_patterns() -> List[PatternBase]:
 @dataclass(frozen=True)
 class RemoveNoop(RewritePass):
     name = "remove-noop"
-    summary = "remove eval dropout, clones, identity views/casts/permutes and full slices"
+    summary = "remove eval dropout, clones, identity views/casts/permutes, full slices, satisfied metadata asserts"
 
     def patterns(self) -> List[PatternBase]:
         return noop_patterns()
+
+    def run(self, graph: Graph) -> PassResult:
+        result = super().run(graph)
+        asserts = _drop_satisfied_metadata_asserts(graph)
+        if asserts:
+            result.stats["matches"]["metadata-assert"] = asserts
+        return PassResult(graph, result.modified or asserts > 0, result.stats)
+
+
+def _drop_satisfied_metadata_asserts(graph: Graph) -> int:
+    """``x.to(x.dtype)`` exports as an assertion on x's dtype; drop it where TensorInfo already proves it."""
+    dropped = 0
+    for node in list(graph.call_nodes(aten._assert_tensor_metadata.default)):
+        x = node.args[0]
+        info = M.node_info(x) if isinstance(x, fx.Node) else None
+        _, dtype = node_argument(node, "dtype")
+        if isinstance(info, M.TensorInfo) and (dtype is None or dtype == info.dtype) and not node.users:
+            graph.fx_graph.erase_node(node)
+            dropped += 1
+    return dropped

@@ -63,4 +63,5 @@ def registered_presets() -> Dict[str, str]:
 def unknown_name_message(where: str, kind: str, name: str, valid: List[str]) -> str:
     close = difflib.get_close_matches(name, valid, n=1)
     suggestion = f"did you mean {close[0]!r}? " if close else ""
-    return f"{where}: unknown {kind} {name!r}; {suggestion}valid {kind}s: {', '.join(valid) or '(none)'}"
+    plural = kind + ("es" if kind.endswith("s") else "s")
+    return f"{where}: unknown {kind} {name!r}; {suggestion}valid {plural}: {', '.join(valid) or '(none)'}"
