@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import traceback
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -46,16 +47,18 @@ def capture(
         work.eval()
     args = tuple(example_inputs)
     changes = _watch_python_state(work)
-    try:
-        exported = torch.export.export(
-            work, args, kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=False
-        )
-        exported = exported.run_decompositions({})
-    except Exception as exc:  # the exporter's errors have no common base class
-        raise _capture_error(model, exc) from exc
-    if changes:
-        raise _side_effect_error(model, changes[0])
-    module = exported.module()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
+        try:
+            exported = torch.export.export(
+                work, args, kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=False
+            )
+            exported = exported.run_decompositions({})
+        except Exception as exc:  # the exporter's errors have no common base class
+            raise _capture_error(model, exc) from exc
+        if changes:
+            raise _side_effect_error(model, changes[0])
+        module = exported.module()
     _drop_export_guards(module)
     graph = Graph(module)
     graph.refresh_meta()

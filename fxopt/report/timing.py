@@ -1,0 +1,45 @@
+"""Latency measured, not counted: medians of interleaved runs, reported as ratios to a baseline.
+
+Interleaving (A, B, A, B, ...) keeps a noisy shared machine from favouring
+whichever candidate ran during a quiet moment.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def compare_latency(candidates: Dict[str, Callable], inputs: Sequence, repeats: int = 10,
+                    warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call for each candidate, measured interleaved in one process."""
+    samples: Dict[str, List[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in candidates.values():
+                fn(*inputs)
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn(*inputs)
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A plain-text table with right-aligned numeric columns."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))  # noqa: E731
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
