@@ -46,7 +46,7 @@ def op_name(node) -> str:
     """A short readable name of what a node does: ``aten.linear.default``, ``getitem``, ``placeholder``."""
     if node.op == "call_function":
         target = node.target
-        if isinstance(getattr(target, "_schema", None), object) and hasattr(target, "_opname"):
+        if hasattr(target, "_schema"):  # a torch op overload: aten.linear.default
             return str(target)
         return getattr(target, "__name__", str(target))
     if node.op in ("call_module", "call_method", "get_attr"):

