@@ -79,9 +79,13 @@ def _sentences_in(doc: str):
 
 @functools.lru_cache(maxsize=1)
 def _all_sentences() -> Tuple[str, ...]:
+    import warnings
+
     found = set()
-    for obj in _stdlib_objects():
-        found.update(_sentences_in(inspect.getdoc(obj) or ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # touching deprecated stdlib attributes warns
+        for obj in _stdlib_objects():
+            found.update(_sentences_in(inspect.getdoc(obj) or ""))
     return tuple(sorted(found, key=_stable_order))
 
 
