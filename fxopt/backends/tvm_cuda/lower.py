@@ -1,0 +1,242 @@
+"""Lower an fxopt Graph to TVM Relax and build it for CUDA (TVM 0.27).
+
+    mod = to_relax(graph)                      # tvm.IRModule with a Relax "main"
+    lib = build(graph, dtype="float16")        # CudaLibrary: VM executable + kernel fatbin
+    lib.export("model.so")                     # loads under the TVM runtime alone, no compiler
+
+The steps, in order:
+
+1. ``torch.export`` the graph's GraphModule again (it is already ATen, so this
+   is cheap: 0.3-0.6 s for the tiny HF models) and decompose it to core ATen;
+2. check every op against the importer's converter table, so an op without a
+   converter raises :class:`LoweringError` naming it, rather than an assert
+   deep inside TVM;
+3. import with ``from_exported_program``; fxopt's own ops go through
+   ``custom_convert_map`` (see :mod:`fxopt.backends.tvm_cuda.converters`);
+4. fp16: ``ToMixedPrecision`` on the fp32 import (fp16 matmuls with fp32
+   accumulation); the importer cannot take a ``.half()`` model directly;
+5. the CUDA pipeline: legalize, fuse, dlight default GPU schedules, then
+   memory planning, optionally CUDA graphs;
+6. compile the generated CUDA source to a fatbin with nvcc at build time, so
+   the exported library never needs a compiler where it is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fxopt.errors import LoweringError
+from fxopt.ir.graph import Graph
+
+TARGET = "cuda"
+DTYPES = ("float16", "float32")
+
+#: Converter signature taken by ``from_exported_program(custom_convert_map=...)``:
+#: ``fn(node: torch.fx.Node, importer: BaseFXGraphImporter) -> relax.Var``; keys
+#: are ``node.target.__name__`` such as ``"linear_act.default"``.
+Converter = Callable[..., object]
+
+
+@dataclass
+class CudaLibrary:
+    """A built model: the Relax VM executable and its kernels compiled to a fatbin.
+
+    ``executable`` holds the host code (LLVM) and a CUDA module that carries the
+    CUDA *source*; ``fatbin`` is that source compiled by nvcc at build time, and
+    :meth:`export` writes it into the library in place of the source.
+    """
+
+    executable: object  # tvm.runtime.Executable
+    target: object  # tvm.target.Target
+    cuda_source: str
+    fatbin: Optional[bytes]
+
+    def export(self, path: str) -> str:
+        """Write a shared library that ``tvm.runtime.load_module`` loads without a CUDA compiler."""
+        from fxopt.backends.tvm_cuda.device_binary import export_library
+
+        return export_library(self.executable, path, {self.cuda_source: self.fatbin} if self.fatbin else {})
+
+
+# ---------------------------------------------------------------- to Relax
+def to_relax(
+    graph: Graph,
+    custom_convert_map: Optional[Dict[str, Converter]] = None,
+    keep_params_as_input: bool = False,
+):
+    """Import ``graph`` into a ``tvm.IRModule`` whose ``main`` takes the graph's inputs in order.
+
+    Weights are bound as constants unless ``keep_params_as_input``; then ``main``
+    takes them after the inputs and ``mod["main"].attrs["params"]`` holds them.
+    """
+    require_tvm()
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from fxopt.backends.tvm_cuda.converters import FXOPT_CONVERTERS
+
+    converters = {**FXOPT_CONVERTERS, **(custom_convert_map or {})}
+    program = exported_program(graph)
+    check_supported(program, converters)
+    try:
+        return from_exported_program(
+            program, keep_params_as_input=keep_params_as_input, custom_convert_map=converters,
+            run_ep_decomposition=False,  # exported_program() has decomposed already
+        )
+    except Exception as exc:  # the importer raises bare asserts, KeyErrors and TVM errors
+        raise LoweringError(
+            f"tvm-cuda: from_exported_program failed: {type(exc).__name__}: {_first_line(exc)}; "
+            "the converter of one op rejected its arguments, see the chained traceback"
+        ) from exc
+
+
+def exported_program(graph: Graph) -> "torch.export.ExportedProgram":
+    """Re-export the graph's ATen GraphModule and decompose it to core ATen, the importer's best-covered set."""
+    args, kwargs = _example_inputs(graph)
+    try:
+        program = torch.export.export(graph.module, args, kwargs=kwargs, strict=False)
+        return program.run_decompositions()
+    except Exception as exc:
+        raise LoweringError(
+            f"tvm-cuda: torch.export of the captured graph failed: {type(exc).__name__}: {_first_line(exc)}; "
+            "run graph.lint() to check the graph"
+        ) from exc
+
+
+def _example_inputs(graph: Graph) -> Tuple[tuple, dict]:
+    """Zero tensors shaped like the input specs, put back into the module's (args, kwargs) structure."""
+    leaves = []
+    for spec in graph.input_specs:
+        if any(d is None for d in spec.shape):
+            raise LoweringError(
+                f"tvm-cuda: input {spec.name} has a dynamic shape {spec.describe()}; "
+                "the CUDA backend builds static shapes only, capture without dynamic_shapes"
+            )
+        leaves.append(torch.zeros(spec.shape, dtype=spec.dtype))
+    in_spec = getattr(getattr(graph.module.graph._codegen, "pytree_info", None), "in_spec", None)
+    if in_spec is None:
+        return tuple(leaves), {}
+    args, kwargs = pytree.tree_unflatten(leaves, in_spec)
+    return tuple(args), dict(kwargs)
+
+
+def check_supported(program, converters: Dict[str, Converter]) -> None:
+    """Raise :class:`LoweringError` naming every op the importer has no converter for."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    known = set(ExportedProgramImporter().convert_map) | set(converters)
+    missing: List[str] = [
+        f"%{node.name} ({node.target})" for node in program.graph.nodes
+        if node.op == "call_function" and node.target.__name__ not in known
+    ]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise LoweringError(
+            f"tvm-cuda: node {', '.join(missing[:5])}{more}: no Relax converter; pass "
+            "custom_convert_map={'<op>.<overload>': fn} or rewrite the op into supported ATen ops before lowering"
+        )
+
+
+def require_tvm() -> None:
+    """Raise :class:`LoweringError` with the install line when Apache TVM cannot be imported."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError as exc:
+        raise LoweringError(
+            f"tvm-cuda: Apache TVM is not importable ({exc}); pip install apache-tvm==0.27.0.post1 "
+            "'apache-tvm-ffi>=0.1.14.post0,<0.1.15'"
+        ) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------ build
+def cuda_target(arch: str = "sm_90"):
+    """The TVM 0.27 CUDA target; targets are JSON dicts now (the ``"cuda -arch=..."`` string is refused)."""
+    import tvm
+
+    if not arch.startswith("sm_"):
+        raise LoweringError(f"tvm-cuda: arch {arch!r} is not a CUDA SM name; use e.g. 'sm_90' or 'sm_90a'")
+    return tvm.target.Target({"kind": "cuda", "arch": arch})
+
+
+def build(
+    graph: Graph,
+    dtype: str = "float16",
+    arch: str = "sm_90",
+    cuda_graph: bool = False,
+    compile_kernels: bool = True,
+    fast_math: bool = False,
+    custom_convert_map: Optional[Dict[str, Converter]] = None,
+) -> CudaLibrary:
+    """Lower ``graph`` to a Relax VM executable for ``arch``, kernels compiled to a fatbin unless told not to.
+
+    ``dtype="float16"`` computes matmuls in fp16 with fp32 accumulation; the
+    graph's inputs and outputs keep their dtypes. ``cuda_graph`` turns on
+    ``relax.backend.use_cuda_graph``: RewriteCUDAGraph lifts the static parts
+    of ``main`` into functions captured once and replayed as CUDA graphs.
+    ``fast_math`` compiles the kernels with nvcc ``--use_fast_math``.
+    """
+    require_tvm()
+    import tvm
+
+    from fxopt.backends.tvm_cuda.device_binary import compile_fatbin, cuda_source, preload_tensor_intrinsics
+
+    if dtype not in DTYPES:
+        raise LoweringError(f"tvm-cuda: dtype {dtype!r} is not supported; valid dtypes: {', '.join(DTYPES)}")
+    target = cuda_target(arch)
+    mod = to_mixed_precision(to_relax(graph, custom_convert_map), dtype)
+    preload_tensor_intrinsics()
+    with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": cuda_graph}):
+        try:
+            executable = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target))
+        except Exception as exc:
+            raise LoweringError(
+                f"tvm-cuda: building for {arch} failed: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+    source = cuda_source(executable)
+    fatbin = compile_fatbin(source, target, fast_math) if compile_kernels else None
+    return CudaLibrary(executable, target, source, fatbin)
+
+
+def to_mixed_precision(mod, dtype: str):
+    """For fp16, rewrite the fp32 module so matmuls and convs take fp16 and accumulate in fp32."""
+    from tvm import relax
+
+    if dtype == "float32":
+        return mod
+    return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+
+
+def cuda_pipeline(target):
+    """TVM's CUDA pipeline spelled out: what each stage is for is said inline."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="fxopt.tvm_cuda.pipeline")
+    def pipeline(mod, _ctx):
+        passes = [
+            relax.backend.DispatchSampling(),  # library dispatch: sampling and sort/scan kernels
+            relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),  # every Relax op -> a TIR PrimFunc
+            relax.transform.AnnotateTIROpPattern(),  # mark elementwise / reduction / injective
+            relax.transform.FoldConstant(),  # e.g. the fp16 casts of bound weights
+            relax.transform.FuseOps(),  # matmul + bias + activation, reshapes into consumers
+            relax.transform.FuseTIR(),
+            dl.ApplyDefaultSchedule(  # thread bindings; Matmul uses WMMA tensor cores for fp16
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+            ),
+            *cuda.dataflow_lower_passes(target),  # leave dataflow form, explicit calls
+            *cuda.finalize_passes(target),  # memory planning, RewriteCUDAGraph, VM lowering
+        ]
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
