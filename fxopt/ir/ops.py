@@ -6,7 +6,10 @@ it stays runnable, exportable and lowerable. The passes that introduce ops
 """
 from __future__ import annotations
 
+from typing import Callable, Dict, List, Optional, Sequence
+
 import torch
+import torch.nn.functional as F
 
 NAMESPACE = "fxopt"
 
@@ -15,7 +18,82 @@ NAMESPACE = "fxopt"
 #: Passes that define such ops add to this set.
 UNFOLDABLE_TARGETS: set = set()
 
+_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+
 
 def fxopt_ops():
     """The namespace object ``torch.ops.fxopt``."""
     return getattr(torch.ops, NAMESPACE)
+
+
+# ======================================================= fused epilogues
+# ``linear_act`` and ``conv_act`` are what ``fuse-epilogue`` emits: a linear or
+# convolution, its bias and an elementwise activation as one op, so a backend
+# can emit one kernel with the activation in the GEMM/conv epilogue.
+#
+# Why custom ops and not a node annotation: an annotation on ``aten.linear``
+# is lost the moment any later pass rebuilds the node, is invisible to
+# ``torch.export`` and to TVM's importer, and leaves eager running two ops.
+# A custom op survives every pass, re-exports, and maps to exactly one
+# converter in each backend. Two ops rather than one: a convolution carries
+# geometry (stride, padding, dilation, groups) that a linear does not have.
+#
+# The eager kernels run the same ATen op as the unfused graph, then apply the
+# activation in place on that fresh result: bit-identical to the unfused
+# graph, one allocation fewer.
+
+#: Activation name (the ``activation`` argument) -> in-place function.
+EPILOGUE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "gelu": lambda y: torch.ops.aten.gelu_(y),
+    "gelu_tanh": lambda y: torch.ops.aten.gelu_(y, approximate="tanh"),
+    "silu": lambda y: F.silu(y, inplace=True),
+}
+
+
+def _check_activation(op: str, activation: str) -> None:
+    if activation not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(
+            f"fxopt.{op}: unknown activation {activation!r}; valid activations: {', '.join(EPILOGUE_ACTIVATIONS)}"
+        )
+
+
+_LIBRARY.define("linear_act(Tensor input, Tensor weight, Tensor? bias, str activation) -> Tensor")
+_LIBRARY.define(
+    "conv_act(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+    "SymInt groups, str activation) -> Tensor"
+)
+
+
+@torch.library.impl(_LIBRARY, "linear_act", "CompositeExplicitAutograd")
+def _linear_act_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       activation: str) -> torch.Tensor:
+    """activation(F.linear(input, weight, bias)); weight is [out, in] like ``aten.linear``."""
+    _check_activation("linear_act", activation)
+    return EPILOGUE_ACTIVATIONS[activation](F.linear(input, weight, bias))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_act", lib=_LIBRARY)
+def _linear_act_fake(input, weight, bias, activation):
+    _check_activation("linear_act", activation)
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _conv(input, weight, bias, stride: Sequence, padding: Sequence, dilation: Sequence, groups) -> torch.Tensor:
+    output_padding: List[int] = [0] * (weight.dim() - 2)
+    return torch.ops.aten.convolution.default(
+        input, weight, bias, stride, padding, dilation, False, output_padding, groups
+    )
+
+
+@torch.library.impl(_LIBRARY, "conv_act", "CompositeExplicitAutograd")
+def _conv_act_kernel(input, weight, bias, stride, padding, dilation, groups, activation: str) -> torch.Tensor:
+    """activation(convolution(input, weight, bias, ...)); not transposed, no output padding."""
+    _check_activation("conv_act", activation)
+    return EPILOGUE_ACTIVATIONS[activation](_conv(input, weight, bias, stride, padding, dilation, groups))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::conv_act", lib=_LIBRARY)
+def _conv_act_fake(input, weight, bias, stride, padding, dilation, groups, activation):
+    _check_activation("conv_act", activation)
+    return _conv(input, weight, bias, stride, padding, dilation, groups)

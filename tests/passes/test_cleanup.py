@@ -198,3 +198,19 @@ def test_dead_code_on_clean_graph_reports_unmodified():
     graph = fxopt.capture(nn.Linear(3, 3), (torch.randn(1, 3),))
     result = EliminateDeadCode()(graph)
     assert not result.modified and result.stats["removed_nodes"] == 0
+
+
+class CopyThenView(nn.Module):
+    def forward(self, x):
+        return x.clone().view(-1), x.clone() + 1
+
+
+def test_remove_noop_keeps_copies_that_a_view_reads():
+    """The layout a view depends on is device-specific (e.g. after SDPA), so such copies stay."""
+    x = torch.randn(3, 4)
+    graph = fxopt.capture(CopyThenView(), (x,))
+    result = RemoveNoop()(graph)
+    assert result.stats["matches"].get("copy") == 1 and result.stats["declined"].get("copy") == 1
+    clone = next(result.graph.call_nodes(aten.clone.default))
+    assert [u.target for u in clone.users] == [aten.view.default]
+    assert_equivalent(graph, result.graph, (x,))

@@ -166,3 +166,28 @@ def test_declarative_literal_must_match_exactly():
     graph = fxopt.capture(nn.Sequential(nn.Dropout(0.5)), (torch.randn(3),), eval_mode=False)
     eval_only = OpPattern(Op(aten.dropout.default, Var("x"), Var("p"), False), lambda rw, x, p: x, name="eval")
     assert list(eval_only.matches(graph.fx_graph)) == []
+
+
+def sin_exp_rewrite(rw, x, s):  # the factors swapped, so the pattern does not match its own result
+    fresh = rw.call(aten.sin.default, x)
+    return rw.call(aten.mul.Tensor, rw.call(aten.exp.default, fresh), fresh)
+
+
+def test_pattern_naming_one_op_twice_erases_it_once():
+    import warnings
+
+    class SinTimesExpSin(nn.Module):
+        def forward(self, x):
+            s = torch.sin(x)
+            return s * torch.exp(s)
+
+    graph = fxopt.capture(SinTimesExpSin(), (torch.randn(3),))
+    reference = graph.copy()
+    shared = Op(aten.sin.default, Var("x"), name="s", multi_use=True)  # a DAG: both factors read one sin
+    dag = OpPattern(Op(aten.mul.Tensor, shared, Op(aten.exp.default, shared)), sin_exp_rewrite, name="dag")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fx warns when a node is erased twice
+        stats = apply_patterns(graph, [dag])
+    graph.recompile()
+    assert dict(stats.applied) == {"dag": 1} and count(graph, aten.sin.default) == 1
+    assert_equivalent(reference, graph, (torch.randn(3),))

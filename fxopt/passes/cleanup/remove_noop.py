@@ -52,6 +52,22 @@ def forward_input_rewrite(rw, x, out):
     return x if _same_value_kind(x, out) else None
 
 
+_VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+
+def copy_rewrite(rw, x, out):
+    """Drop a copy, unless a ``view`` reads it.
+
+    A ``view`` needs a compatible memory layout. The layout recorded for ``x``
+    comes from one device's kernels (SDPA's output strides differ between CPU and
+    CUDA), so a copy that a view depends on is kept: the graph stays valid on
+    every device.
+    """
+    if any(user.target in _VIEWS for user in out.users):
+        return None
+    return forward_input_rewrite(rw, x, out)
+
+
 def identity_permute_rewrite(rw, x, dims, out):
     rank = len(M.tensor_info(x).shape)
     return x if [d % rank for d in dims] == list(range(rank)) and _same_value_kind(x, out) else None
@@ -83,7 +99,7 @@ def noop_patterns() -> List[PatternBase]:
                   name="eval-dropout"),
         OpPattern(Op(aten.dropout.default, Var("x"), 0.0, AnyValue(), name="out"), forward_input_rewrite,
                   name="zero-dropout"),
-        OpPattern(Op(tuple(copies), Var("x"), name="out"), forward_input_rewrite, name="copy"),
+        OpPattern(Op(tuple(copies), Var("x"), name="out"), copy_rewrite, name="copy"),
         OpPattern(Op(tuple(same_shape), Var("x"), AnyValue(), name="out"), forward_input_rewrite,
                   name="identity-view"),
         OpPattern(Op(tuple(casts), Var("x"), name="out"), forward_input_rewrite, name="identity-cast"),

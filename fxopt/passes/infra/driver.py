@@ -69,7 +69,8 @@ class Rewriter:
 
     def erase_dead(self, nodes: Sequence[fx.Node]) -> None:
         """Erase the given nodes that no longer have users, users before their inputs."""
-        pending = [n for n in nodes if n.op == "call_function" and not n._erased]
+        # dict.fromkeys: a pattern that names one Op twice (a DAG) lists its node twice; erase it once.
+        pending = list(dict.fromkeys(n for n in nodes if n.op == "call_function" and not n._erased))
         changed = True
         while changed:
             changed = False

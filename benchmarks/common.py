@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmarks: deterministic models that both machines build identically."""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+
+def deterministic_init_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Give every parameter values that depend only on its name, so any machine builds the same model.
+
+    Weights are N(0, std) from a generator seeded with crc32(name); LayerNorm
+    weights are 1 and biases small, as in a trained Transformer.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
+            if "LayerNorm.weight" in name or name.endswith("ln_1.weight") or name.endswith("ln_2.weight") \
+                    or name.endswith("ln_f.weight") or "layernorm" in name.lower() and name.endswith("weight"):
+                values = 1.0 + values
+            param.copy_(values.to(param.dtype))
+    return model
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    a, b = reference.double(), other.double()
+    return ((a - b).norm() / a.norm()).item()
+
+
+def bert_base(batch: int = 8, seq: int = 128):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(attn_implementation="eager")
+    model = deterministic_init_(BertModel(config, add_pooling_layer=False)).eval()
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1000, config.vocab_size, (batch, seq), generator=gen)
+    return model, (input_ids, torch.ones(batch, seq, dtype=torch.long))
+
+
+def gpt2_small(batch: int = 8, seq: int = 128):
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(attn_implementation="eager", use_cache=False)
+    model = deterministic_init_(GPT2Model(config)).eval()
+    gen = torch.Generator().manual_seed(2)
+    return model, (torch.randint(0, config.vocab_size, (batch, seq), generator=gen),)
+
+
+def vit_base(batch: int = 8):
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(attn_implementation="eager")
+    model = deterministic_init_(ViTModel(config, add_pooling_layer=False)).eval()
+    gen = torch.Generator().manual_seed(3)
+    return model, (torch.randn(batch, 3, 224, 224, generator=gen),)
+
+
+MODELS = {"bert": bert_base, "gpt2": gpt2_small, "vit": vit_base}
