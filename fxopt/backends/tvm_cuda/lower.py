@@ -4,6 +4,9 @@
     lib = build(graph, dtype="float16")        # CudaLibrary: VM executable + kernel fatbin
     lib.export("model.so")                     # loads under the TVM runtime alone, no compiler
 
+    lib = build(graph, keep_params_as_input=True)
+    lib.export("model.so")                     # also writes model.params.json: the weights to pass, by name
+
 The steps, in order:
 
 1. ``torch.export`` the graph's GraphModule again (it is already ATen, so this
@@ -19,15 +22,27 @@ The steps, in order:
    memory planning, optionally CUDA graphs;
 6. compile the generated CUDA source to a fatbin with nvcc at build time, so
    the exported library never needs a compiler where it is loaded.
+
+Weights as inputs (``keep_params_as_input=True``): the model's parameters are
+not embedded (BERT-base in fp16 would make a 220 MB library). ``main`` takes
+the user inputs, then the *transformed* weights; ``main_transform_params``
+takes the fp32 weights as one tuple, in the order of
+:attr:`CudaLibrary.param_names` (the graph's ``get_attr`` targets, i.e. the
+model's ``state_dict`` keys), and returns them transformed: cast to fp16,
+transposed for the matmuls, constant slices precomputed. It runs once at load
+time, so no weight cast runs per call. Buffers and constants that passes
+folded (``folded_*``) stay bound in the library.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils import _pytree as pytree
 
+from fxopt.backends.tvm_cuda.runtime import PARAMS_FORMAT, params_json_path, tensor_crc32
 from fxopt.errors import LoweringError
 from fxopt.ir.graph import Graph
 
@@ -38,6 +53,23 @@ DTYPES = ("float16", "float32")
 #: ``fn(node: torch.fx.Node, importer: BaseFXGraphImporter) -> relax.Var``; keys
 #: are ``node.target.__name__`` such as ``"linear_act.default"``.
 Converter = Callable[..., object]
+
+#: The function ``LiftTransformParams`` makes from ``main``: fp32 weights in, transformed weights out.
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One weight the library takes at run time: its ``state_dict`` key, shape, dtype and a crc32 of its bytes."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    crc32: Optional[int] = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "crc32": self.crc32}
+
 
 
 @dataclass
@@ -53,12 +85,39 @@ class CudaLibrary:
     target: object  # tvm.target.Target
     cuda_source: str
     fatbin: Optional[bytes]
+    #: graph input names, in ``main``'s order
+    input_names: List[str] = field(default_factory=list)
+    #: the weights ``main_transform_params`` takes, in order; empty when weights are embedded
+    params: List[ParamSpec] = field(default_factory=list)
+
+    @property
+    def param_names(self) -> List[str]:
+        """The ordered weight names (``state_dict`` keys) the runtime must pass; empty when weights are embedded."""
+        return [p.name for p in self.params]
+
+    @property
+    def params_as_input(self) -> bool:
+        return bool(self.params)
+
+    def params_manifest(self) -> dict:
+        """What a runtime needs to call the library: entry points, input names and the weights in order."""
+        return {
+            "format": PARAMS_FORMAT, "entry": "main", "transform": TRANSFORM_PARAMS if self.params else None,
+            "inputs": list(self.input_names), "params": [p.to_json() for p in self.params],
+        }
 
     def export(self, path: str) -> str:
-        """Write a shared library that ``tvm.runtime.load_module`` loads without a CUDA compiler."""
+        """Write a shared library that ``tvm.runtime.load_module`` loads without a CUDA compiler.
+
+        With weights as inputs, also write :func:`params_json_path` (``model.params.json``) beside it.
+        """
         from fxopt.backends.tvm_cuda.device_binary import export_library
 
-        return export_library(self.executable, path, {self.cuda_source: self.fatbin} if self.fatbin else {})
+        export_library(self.executable, path, {self.cuda_source: self.fatbin} if self.fatbin else {})
+        if self.params:
+            with open(params_json_path(path), "w") as f:
+                json.dump(self.params_manifest(), f, indent=1)
+        return path
 
 
 # ---------------------------------------------------------------- to Relax
@@ -72,6 +131,11 @@ def to_relax(
     Weights are bound as constants unless ``keep_params_as_input``; then ``main``
     takes them after the inputs and ``mod["main"].attrs["params"]`` holds them.
     """
+    return _import(graph, custom_convert_map, keep_params_as_input)[0]
+
+
+def _import(graph: Graph, custom_convert_map, keep_params_as_input: bool):
+    """``to_relax``, also returning ``(state_dict key, tensor)`` of each weight ``main`` takes after its inputs."""
     require_tvm()
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -81,7 +145,7 @@ def to_relax(
     program = exported_program(graph)
     check_supported(program, converters)
     try:
-        return from_exported_program(
+        mod = from_exported_program(
             program, keep_params_as_input=keep_params_as_input, custom_convert_map=converters,
             run_ep_decomposition=False,  # exported_program() has decomposed already
         )
@@ -90,6 +154,20 @@ def to_relax(
             f"tvm-cuda: from_exported_program failed: {type(exc).__name__}: {_first_line(exc)}; "
             "the converter of one op rejected its arguments, see the chained traceback"
         ) from exc
+    if not keep_params_as_input:
+        return mod, []
+    # The importer binds buffers and constants, and keeps the PARAMETER inputs, in signature order.
+    kinds = torch.export.graph_signature.InputKind
+    specs = [s for s in program.graph_signature.input_specs if s.kind is kinds.PARAMETER]
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"])
+    weights = [p.name for p in main.params[num_input:]]
+    if weights != [s.arg.name for s in specs]:
+        raise LoweringError(
+            f"tvm-cuda: the imported main takes weights {weights[:3]}..., the exported program's parameters are "
+            f"{[s.arg.name for s in specs][:3]}...; the importer's order changed"
+        )
+    return mod, [(s.target, program.state_dict[s.target]) for s in specs]
 
 
 def exported_program(graph: Graph) -> "torch.export.ExportedProgram":
@@ -173,6 +251,7 @@ def build(
     compile_kernels: bool = True,
     fast_math: bool = False,
     custom_convert_map: Optional[Dict[str, Converter]] = None,
+    keep_params_as_input: bool = False,
 ) -> CudaLibrary:
     """Lower ``graph`` to a Relax VM executable for ``arch``, kernels compiled to a fatbin unless told not to.
 
@@ -181,6 +260,10 @@ def build(
     ``relax.backend.use_cuda_graph``: RewriteCUDAGraph lifts the static parts
     of ``main`` into functions captured once and replayed as CUDA graphs.
     ``fast_math`` compiles the kernels with nvcc ``--use_fast_math``.
+    ``keep_params_as_input`` leaves the weights out of the library: ``main``
+    takes them (transformed) after the inputs, ``main_transform_params``
+    transforms them once, and :attr:`CudaLibrary.params` says which to pass.
+    Buffers and pass-made constants stay embedded.
     """
     require_tvm()
     import tvm
@@ -190,7 +273,7 @@ def build(
     if dtype not in DTYPES:
         raise LoweringError(f"tvm-cuda: dtype {dtype!r} is not supported; valid dtypes: {', '.join(DTYPES)}")
     target = cuda_target(arch)
-    mod = to_mixed_precision(to_relax(graph, custom_convert_map), dtype)
+    mod, weights = prepare(graph, dtype, keep_params_as_input, custom_convert_map)
     preload_tensor_intrinsics()
     with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": cuda_graph}):
         try:
@@ -201,7 +284,35 @@ def build(
             ) from exc
     source = cuda_source(executable)
     fatbin = compile_fatbin(source, target, fast_math) if compile_kernels else None
-    return CudaLibrary(executable, target, source, fatbin)
+    params = [
+        ParamSpec(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), tensor_crc32(t)) for name, t in weights
+    ]
+    return CudaLibrary(executable, target, source, fatbin, [s.name for s in graph.input_specs], params)
+
+
+def prepare(
+    graph: Graph,
+    dtype: str = "float16",
+    keep_params_as_input: bool = False,
+    custom_convert_map: Optional[Dict[str, Converter]] = None,
+):
+    """The Relax module :func:`build` compiles, before any target-specific pass, and the weights it takes.
+
+    Returns ``(mod, weights)``: ``weights`` lists ``(state_dict key, tensor)``
+    in the order ``main_transform_params`` takes them (empty when the weights
+    are bound). Target-independent, so tests compile it for llvm too.
+    """
+    from tvm import relax
+
+    mod, weights = _import(graph, custom_convert_map, keep_params_as_input)
+    if keep_params_as_input:
+        mod["main"] = mod["main"].without_attr("params")  # the fp32 values: unused, and they travel with mod
+    mod = to_mixed_precision(mod, dtype)
+    if keep_params_as_input:
+        # After ToMixedPrecision, so the fp32->fp16 casts (and weight transposes) are lifted into
+        # main_transform_params and run once at load time, not on every call.
+        mod = relax.transform.LiftTransformParams()(mod)
+    return mod, weights
 
 
 def to_mixed_precision(mod, dtype: str):
