@@ -75,3 +75,26 @@ def test_fused_gpt2_generates_cuda_kernels_for_sm_90():
     model, inputs = models.tiny_gpt2()
     library = tvm_cuda.build(fused(model, inputs), dtype="float16", arch="sm_90", compile_kernels=False)
     assert library.cuda_source.count("__global__") >= 20 and "half* __restrict__" in library.cuda_source
+
+
+class Conv1dNet(torch.nn.Module):
+    """Conv1d + BN + SiLU and a Conv3d + ReLU: fused to conv_act of rank 1 and 3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.bn = torch.nn.Conv1d(3, 4, 3, padding=1), torch.nn.BatchNorm1d(4)
+        self.c3 = torch.nn.Conv3d(2, 3, 3, stride=2)
+
+    def forward(self, x, v):
+        return torch.nn.functional.silu(self.bn(self.c1(x))), torch.relu(self.c3(v))
+
+
+def test_fused_1d_and_3d_convolutions_lower():
+    inputs = (torch.randn(2, 3, 10), torch.randn(1, 2, 5, 6, 7))
+    graph = fused(Conv1dNet().eval(), inputs)
+    assert sum(1 for n in graph.call_nodes() if "conv_act" in str(n.target)) == 2
+    expected = graph.run(*inputs)
+    got = run_on_cpu(tvm_cuda.to_relax(graph), inputs)
+    for e, g in zip(expected, got):
+        assert relative_error(e, g) <= TOL

@@ -32,17 +32,17 @@ def _linear_act(node, importer):
 
 
 def _conv_act(node, importer):
-    """fxopt.conv_act(input, weight, bias?, stride, padding, dilation, groups, activation) for 2-D convs."""
+    """fxopt.conv_act(input, weight, bias?, stride, padding, dilation, groups, activation) for 1-, 2- and 3-D convs."""
     from tvm import relax
 
     x, weight, bias = (importer.env[a] if a is not None else None for a in node.args[:3])
     stride, padding, dilation, groups, activation = node.args[3:8]
-    if len(stride) != 2:
-        raise NotImplementedError(f"fxopt.conv_act: only 2-D convolutions lower to TVM, got {len(stride)}-D")
+    convs = {1: relax.op.nn.conv1d, 2: relax.op.nn.conv2d, 3: relax.op.nn.conv3d}
+    rank = len(stride)
     bb = importer.block_builder
-    y = bb.emit(relax.op.nn.conv2d(x, weight, stride, padding, dilation, groups, out_dtype=str(x.ty.dtype)))
+    y = bb.emit(convs[rank](x, weight, stride, padding, dilation, groups, out_dtype=str(x.ty.dtype)))
     if bias is not None:
-        y = bb.emit(relax.op.add(y, relax.op.reshape(bias, (1, -1, 1, 1))))
+        y = bb.emit(relax.op.add(y, relax.op.reshape(bias, (1, -1) + (1,) * rank)))
     return bb.emit(_activation(activation)(y))
 
 
