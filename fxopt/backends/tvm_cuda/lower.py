@@ -48,6 +48,9 @@ from fxopt.ir.graph import Graph
 
 TARGET = "cuda"
 DTYPES = ("float16", "float32")
+#: ``build(matmul=...)``: "default" is dlight's gpu.Matmul (WMMA); "mma" tries
+#: :class:`~fxopt.backends.tvm_cuda.matmul_mma.MatmulMMA` (ldmatrix + mma.sync + cp.async, sm_80+) first.
+MATMULS = ("default", "mma")
 
 #: Converter signature taken by ``from_exported_program(custom_convert_map=...)``:
 #: ``fn(node: torch.fx.Node, importer: BaseFXGraphImporter) -> relax.Var``; keys
@@ -252,6 +255,7 @@ def build(
     fast_math: bool = False,
     custom_convert_map: Optional[Dict[str, Converter]] = None,
     keep_params_as_input: bool = False,
+    matmul: str = "default",
 ) -> CudaLibrary:
     """Lower ``graph`` to a Relax VM executable for ``arch``, kernels compiled to a fatbin unless told not to.
 
@@ -264,6 +268,9 @@ def build(
     takes them (transformed) after the inputs, ``main_transform_params``
     transforms them once, and :attr:`CudaLibrary.params` says which to pass.
     Buffers and pass-made constants stay embedded.
+    ``matmul="mma"`` schedules fp16 matmuls whose sizes divide a tile with
+    ldmatrix + mma.sync and a cp.async pipeline (sm_80+) instead of dlight's
+    WMMA rule; the others fall back to it (benchmarks/results/gpu_gemm.md).
     """
     require_tvm()
     import tvm
@@ -272,12 +279,17 @@ def build(
 
     if dtype not in DTYPES:
         raise LoweringError(f"tvm-cuda: dtype {dtype!r} is not supported; valid dtypes: {', '.join(DTYPES)}")
+    if matmul not in MATMULS:
+        raise LoweringError(f"tvm-cuda: matmul {matmul!r} is not known; valid: {', '.join(MATMULS)}")
     target = cuda_target(arch)
     mod, weights = prepare(graph, dtype, keep_params_as_input, custom_convert_map)
     preload_tensor_intrinsics()
-    with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": cuda_graph}):
+    config = {"relax.backend.use_cuda_graph": cuda_graph}
+    if matmul == "mma":
+        config["tirx.use_async_copy"] = True  # the MMA schedule's pipelined copies become cp.async
+    with tvm.transform.PassContext(opt_level=3, config=config):
         try:
-            executable = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target))
+            executable = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target, matmul))
         except Exception as exc:
             raise LoweringError(
                 f"tvm-cuda: building for {arch} failed: {type(exc).__name__}: {_first_line(exc)}"
@@ -324,12 +336,18 @@ def to_mixed_precision(mod, dtype: str):
     return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
 
 
-def cuda_pipeline(target):
+def cuda_pipeline(target, matmul: str = "default"):
     """TVM's CUDA pipeline spelled out: what each stage is for is said inline."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
+
+    first = []
+    if matmul == "mma":
+        from fxopt.backends.tvm_cuda.matmul_mma import PIPELINE_CONFIGS, MatmulMMA, as_dlight_rule
+
+        first = [as_dlight_rule(MatmulMMA(configs=PIPELINE_CONFIGS))]
 
     @tvm.transform.module_pass(opt_level=0, name="fxopt.tvm_cuda.pipeline")
     def pipeline(mod, _ctx):
@@ -342,7 +360,7 @@ def cuda_pipeline(target):
             relax.transform.FuseOps(),  # matmul + bias + activation, reshapes into consumers
             relax.transform.FuseTIR(),
             dl.ApplyDefaultSchedule(  # thread bindings; Matmul uses WMMA tensor cores for fp16
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+                *first, dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
             ),
             *cuda.dataflow_lower_passes(target),  # leave dataflow form, explicit calls
             *cuda.finalize_passes(target),  # memory planning, RewriteCUDAGraph, VM lowering
