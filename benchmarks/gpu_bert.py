@@ -84,7 +84,7 @@ def git_rev() -> str:
 
 # ===================================================================== build
 def build(out_dir: str, models: List[str], cleanup: bool, target: str, arch: str, cuda_graph: bool,
-          no_cuda_graph_too: List[str]) -> dict:
+          no_cuda_graph_too: List[str], variants: List[str] = ()) -> dict:
     """Build each model's library (``<name>.so``); for the models in ``no_cuda_graph_too`` also ``<name>-nocg.so``."""
     import tvm
 
@@ -96,16 +96,23 @@ def build(out_dir: str, models: List[str], cleanup: bool, target: str, arch: str
     for name in models:
         print(f"[build] {name}: {SHAPES.get(name, '')}", flush=True)
         entry = build_one(out_dir, name, name, cleanup, target, arch, cuda_graph)
+        entry["extra_libraries"] = []
         if cuda_graph and name in no_cuda_graph_too:
             extra = build_one(out_dir, name, f"{name}-nocg", cleanup, target, arch, False)
-            entry["extra_libraries"] = [{"label": "no CUDA graphs", **extra}]
+            entry["extra_libraries"].append({"label": "no CUDA graphs", **extra})
+        for variant in variants:  # "<pipeline preset>+<matmul rule>", e.g. "fuse+mma"
+            passes, matmul = variant.split("+")
+            extra = build_one(out_dir, name, f"{name}-{passes}-{matmul}", cleanup, target, arch, cuda_graph,
+                              passes=passes, matmul=matmul)
+            entry["extra_libraries"].append({"label": f"{passes}, matmul={matmul}, CUDA graphs", **extra})
         meta["models"][name] = entry
         with open(os.path.join(out_dir, "build.json"), "w") as f:
             json.dump(meta, f, indent=1)
     return meta
 
 
-def build_one(out_dir: str, name: str, stem: str, cleanup: bool, target: str, arch: str, cuda_graph: bool) -> dict:
+def build_one(out_dir: str, name: str, stem: str, cleanup: bool, target: str, arch: str, cuda_graph: bool,
+              passes: str = "cleanup", matmul: str = "default") -> dict:
     """fxopt.capture -> cleanup -> tvm_cuda.build (weights as inputs) -> export; each step timed."""
     import fxopt
     from fxopt.backends import tvm_cuda
@@ -116,11 +123,12 @@ def build_one(out_dir: str, name: str, stem: str, cleanup: bool, target: str, ar
     graph = fxopt.capture(model, inputs)
     times["capture_s"], t = time.perf_counter() - t, time.perf_counter()
     if cleanup:
-        graph = fxopt.Pipeline("cleanup")(graph).graph
+        graph = fxopt.Pipeline(passes)(graph).graph
     times["cleanup_s"], t = time.perf_counter() - t, time.perf_counter()
     path = os.path.join(out_dir, f"{stem}.so")
     if target == "cuda":
-        lib = tvm_cuda.build(graph, dtype="float16", arch=arch, cuda_graph=cuda_graph, keep_params_as_input=True)
+        lib = tvm_cuda.build(graph, dtype="float16", arch=arch, cuda_graph=cuda_graph, keep_params_as_input=True,
+                             matmul=matmul)
         kernels = lib.cuda_source.count("__global__")
     else:  # llvm: the dry run of the whole flow on a CPU machine
         lib, kernels = _build_llvm(graph), None
@@ -304,7 +312,8 @@ def run_model(bench: Bench, lib_dir: str, name: str, systems: List[str], profile
     entry = bench.results["build"]["models"].get(name, {})
     libraries = [(entry.get("library", f"{name}.so"), "TVM" + (", CUDA graphs" if entry.get("cuda_graph") else ""),
                   "tvm_kernels")]
-    libraries += [(x["library"], f"TVM, {x['label']}", "tvm_kernels_nocg") for x in entry.get("extra_libraries", [])]
+    libraries += [(x["library"], f"TVM, {x['label']}", "tvm_kernels_" + x["library"].removesuffix(".so"))
+                  for x in entry.get("extra_libraries", [])]
     for file_name, label, profile_key in sorted(libraries, key=lambda lib: "CUDA graphs" in lib[1]):
         system = f"fxopt cuda fp16 ({label})"
 
@@ -494,6 +503,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target", default="cuda", choices=["cuda", "llvm"], help="llvm: CPU dry run")
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--variants", default="", help="extra libraries, comma-separated <preset>+<matmul>, "
+                        "e.g. cleanup+mma,fuse+mma")
     parser.add_argument("--no-cuda-graph-too", default="bert", metavar="MODELS",
                         help="also build these models without CUDA graphs (<name>-nocg.so); '' for none")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: dry run of --run")
@@ -507,7 +518,8 @@ def main(argv=None) -> None:
     models = args.models.split(",") if args.models else None
     if args.build:
         build(args.build, models or ["bert"], not args.no_cleanup, args.target, args.arch, not args.no_cuda_graph,
-              args.no_cuda_graph_too.split(",") if args.no_cuda_graph_too else [])
+              args.no_cuda_graph_too.split(",") if args.no_cuda_graph_too else [],
+              [v for v in args.variants.split(",") if v])
     else:
         run(args.run, args.out, args.device, models, args.systems.split(","), args.deadline, not args.no_profile,
             args.warmup_ms, args.rep_ms)

@@ -271,6 +271,9 @@ def build(
     ``matmul="mma"`` schedules fp16 matmuls whose sizes divide a tile with
     ldmatrix + mma.sync and a cp.async pipeline (sm_80+) instead of dlight's
     WMMA rule; the others fall back to it (benchmarks/results/gpu_gemm.md).
+    It is **experimental**: correct in the standalone GEMM benchmark, but the
+    whole BERT-base built with it fails on the H100 with
+    ``cudaErrorMisalignedAddress`` (benchmarks/results/gpu_bert.md, second run).
     """
     require_tvm()
     import tvm
