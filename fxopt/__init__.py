@@ -14,10 +14,12 @@ from fxopt.passes import (
     Rewriter, Var, apply_patterns, register_pass, register_preset, registered_passes, registered_presets,
 )
 
+from fxopt.passes.quantize import calibrate
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
+    "capture", "calibrate", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
     "Rewriter", "ExamplePattern", "OpPattern", "Op", "Var", "AnyValue", "Match", "apply_patterns", "register_pass",
     "register_preset", "registered_passes", "registered_presets", "errors", "FxoptError", "CaptureError",
     "PassError", "PatternError", "MetadataError", "LoweringError", "ArtifactError", "InputError", "__version__",

@@ -97,3 +97,21 @@ def _conv_act_kernel(input, weight, bias, stride, padding, dilation, groups, act
 def _conv_act_fake(input, weight, bias, stride, padding, dilation, groups, activation):
     _check_activation("conv_act", activation)
     return _conv(input, weight, bias, stride, padding, dilation, groups)
+
+
+# ============================================================ quantize / dequantize
+# Q/DQ use torch's own ``quantized_decomposed`` ops (registered by importing
+# ``torch.ao.quantization.fx._decomposed``): they have CPU and fake kernels,
+# survive torch.export and are what PT2E lowerings pattern-match. Dequantizing
+# an int8 weight must stay in the graph (a backend fuses it into an int8 GEMM),
+# so constant folding leaves every Q/DQ op alone.
+import torch.ao.quantization.fx._decomposed  # noqa: E402,F401  (registers torch.ops.quantized_decomposed)
+
+QD = torch.ops.quantized_decomposed
+QDQ_TARGETS = frozenset({
+    QD.quantize_per_tensor.default, QD.quantize_per_tensor.tensor,
+    QD.dequantize_per_tensor.default, QD.dequantize_per_tensor.tensor,
+    QD.quantize_per_channel.default, QD.dequantize_per_channel.default,
+    QD.choose_qparams.tensor,
+})
+UNFOLDABLE_TARGETS.update(QDQ_TARGETS)

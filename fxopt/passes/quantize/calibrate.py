@@ -1,0 +1,122 @@
+"""fxopt.calibrate: run a graph over calibration batches and record activation QParams.
+
+    calibrated = fxopt.calibrate(graph, batches, observer="minmax")
+    result = fxopt.Pipeline("insert-qdq{scheme=static}")(calibrated)
+
+The activations observed are the non-weight inputs of the ops that quantization
+targets (linear, matmul, mm/bmm/addmm, convolutions and their fused
+``fxopt.linear_act``/``conv_act`` forms). Each gets per-tensor QParams in its
+node's metadata (``fxopt.ir.qparams(node)``). Batches are streamed: each one is
+run, observed and dropped.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxopt.errors import PassError
+from fxopt.ir import meta as M
+from fxopt.ir.graph import Graph
+from fxopt.ir.ops import fxopt_ops
+from fxopt.passes.quantize.observers import Observer, make_observer
+
+aten = torch.ops.aten
+
+
+def quantizable_ops() -> Dict[object, Dict[str, Sequence[int]]]:
+    """Target -> which args are activations (``acts``) and which is the weight and its channel axis.
+
+    ``weight`` is ``(arg index, output-channel axis)``; the axis may be negative.
+    """
+    ops = fxopt_ops()
+    conv = {"acts": (0,), "weight": (1, 0)}
+    return {
+        aten.linear.default: {"acts": (0,), "weight": (1, 0)},
+        ops.linear_act.default: {"acts": (0,), "weight": (1, 0)},
+        aten.matmul.default: {"acts": (0, 1), "weight": (1, -1)},
+        aten.mm.default: {"acts": (0, 1), "weight": (1, -1)},
+        aten.bmm.default: {"acts": (0, 1), "weight": (1, -1)},
+        aten.addmm.default: {"acts": (1, 2), "weight": (2, -1)},
+        aten.conv1d.default: conv, aten.conv2d.default: conv, aten.conv3d.default: conv,
+        aten.convolution.default: conv, ops.conv_act.default: conv,
+    }
+
+
+def is_weight(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def activation_inputs(node: fx.Node) -> List[fx.Node]:
+    """The floating-point, non-weight inputs of a quantizable op that quantization would observe."""
+    spec = quantizable_ops().get(node.target)
+    if node.op != "call_function" or spec is None:
+        return []
+    found = []
+    for i in spec["acts"]:
+        arg = node.args[i] if i < len(node.args) else None
+        if isinstance(arg, fx.Node) and not is_weight(arg) and _is_float(arg) and arg not in found:
+            found.append(arg)
+    return found
+
+
+def _is_float(node: fx.Node) -> bool:
+    info = M.node_info(node)
+    return isinstance(info, M.TensorInfo) and info.dtype.is_floating_point
+
+
+class _ObservingInterpreter(fx.Interpreter):
+    def __init__(self, module, observers: Dict[str, Observer]):
+        super().__init__(module)
+        self.observers = observers
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        obs = self.observers.get(n.name)
+        if obs is not None:
+            obs.observe(value)
+        return value
+
+
+def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: str = "minmax",
+              qdtype: str = "int8", scheme: str = "asymmetric", progress: bool = True,
+              max_batches: Optional[int] = None, **observer_options) -> Graph:
+    """A copy of ``graph`` whose observed activations carry per-tensor QParams.
+
+    ``data`` is an iterable of input tuples (a single tensor counts as a 1-tuple).
+    ``observer`` names one of ``fxopt.passes.quantize.observers.OBSERVERS``;
+    ``observer_options`` go to its constructor (e.g. ``percentile=99.9``).
+    """
+    targets = [a for n in graph.call_nodes() for a in activation_inputs(n)]
+    if not targets:
+        raise PassError("calibrate: the graph has no linear, matmul or conv op with a floating-point activation "
+                        "input; there is nothing to calibrate")
+    observers = {n.name: make_observer(observer, qdtype, scheme, None, **observer_options)
+                 for n in dict.fromkeys(targets)}
+    interpreter = _ObservingInterpreter(graph.module, observers)
+    batches = 0
+    with torch.no_grad():
+        for batch in _progress(data, progress, max_batches):
+            inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            graph.check_inputs(inputs)
+            interpreter.run(*inputs)
+            batches += 1
+            if max_batches is not None and batches >= max_batches:
+                break
+    if batches == 0:
+        raise PassError("calibrate: the data iterable gave no batches; pass at least one input tuple")
+    calibrated = graph.copy()
+    for node in calibrated.fx_graph.nodes:
+        if node.name in observers:
+            M.set_qparams(node, observers[node.name].qparams())
+    return calibrated
+
+
+def _progress(data, enabled: bool, total: Optional[int]):
+    from tqdm.auto import tqdm
+
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)
+    return tqdm(data, desc="calibrate", unit="batch", total=total, disable=not enabled, leave=False)
+

@@ -1,0 +1,173 @@
+"""insert-qdq: quantize/dequantize pairs around linear, matmul and conv ops.
+
+    %linear = aten.linear(%x, %w, %b)
+becomes (scheme=static)
+    %q = quantized_decomposed.quantize_per_tensor(%x, 0.02, -3, -128, 127, torch.int8)
+    %dq = quantized_decomposed.dequantize_per_tensor(%q, 0.02, -3, -128, 127, torch.int8)
+    %dq_w = quantized_decomposed.dequantize_per_channel(%w_int8, %w_scale, None, 0, -128, 127, torch.int8)
+    %linear = aten.linear(%dq, %dq_w, %b)
+
+Schemes:
+- ``static``: int8 weights per output channel (symmetric), activations per
+  tensor from the QParams that ``fxopt.calibrate`` stored;
+- ``dynamic``: the same weights; activation ranges chosen at run time
+  (``choose_qparams.tensor`` + the ``.tensor`` Q/DQ variants, asymmetric int8);
+- ``weight-only``: int8 per-channel weights, float activations.
+
+``activation-matmuls=false`` leaves matmuls between two activations (attention
+scores and context) in floating point.
+
+Weights are stored as int8 tensors (``graph.size_bytes()`` shrinks about 4x);
+their dequantize ops are in ``UNFOLDABLE_TARGETS`` so fold-constants keeps
+them for the backends to pattern-match into int8 kernels. Ops in float64, and
+transposed convolutions, are left in floating point (counted in ``skipped``).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir import meta as M
+from fxopt.ir.graph import Graph
+from fxopt.passes.infra.base import Pass, PassResult
+from fxopt.passes.infra.driver import Rewriter
+from fxopt.passes.infra.registry import register_pass
+from fxopt.passes.quantize.calibrate import activation_inputs, is_weight, quantizable_ops
+from fxopt.passes.quantize.observers import QDTYPES, qparams_from_range
+
+aten = torch.ops.aten
+QD = torch.ops.quantized_decomposed
+SCHEMES = ("static", "dynamic", "weight-only")
+QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT8 = QDTYPES["int8"]
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, axis: int):
+    """Symmetric int8 per-channel codes of ``weight`` along ``axis`` and their QParams."""
+    rows = weight.detach().float().movedim(axis, 0).reshape(weight.shape[axis], -1)
+    q = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), "int8", "symmetric", axis)
+    codes = QD.quantize_per_channel(weight.detach().float(), q.scale, q.zero_point, axis, INT8.qmin, INT8.qmax,
+                                    torch.int8)
+    return codes, q
+
+
+def _out_dtype(dtype: torch.dtype) -> dict:
+    return {} if dtype == torch.float32 else {"out_dtype": dtype}
+
+
+@register_pass
+@dataclass(frozen=True)
+class InsertQDQ(Pass):
+    name = "insert-qdq"
+    summary = "insert quantize/dequantize pairs around linear, matmul and conv ops (static, dynamic, weight-only)"
+    lossy = True
+    scheme: str = "static"
+    #: Also quantize matmuls whose inputs are both activations (attention's Q·Kᵀ and P·V).
+    activation_matmuls: bool = True
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise self.error(f"unknown scheme {self.scheme!r}", hint=f"valid schemes: {', '.join(SCHEMES)}")
+
+    def run(self, graph: Graph) -> PassResult:
+        ops = [n for n in graph.call_nodes() if n.target in quantizable_ops()]
+        if not self.activation_matmuls:
+            ops = [n for n in ops if self._weight_arg(n) is not None]
+        if self.scheme == "static":
+            self._require_calibration(ops)
+        weights: Dict[tuple, fx.Node] = {}
+        acts: Dict[fx.Node, fx.Node] = {}
+        stats = {"quantized_ops": 0, "weights": 0, "activations": 0, "skipped": 0}
+        for node in ops:
+            if not self._can_quantize(node):
+                stats["skipped"] += 1
+                continue
+            rw = Rewriter(graph, node)
+            if self.scheme != "weight-only":
+                for act in activation_inputs(node):
+                    if act not in acts:
+                        acts[act] = self._activation_qdq(rw, act)
+                        stats["activations"] += 1
+                    node.replace_input_with(act, acts[act])
+            weight = self._weight_arg(node)
+            if weight is not None:
+                key = (weight.target, self._weight_axis(node, weight))
+                if key not in weights:
+                    weights[key] = self._weight_dq(graph, rw, weight, key[1])
+                    stats["weights"] += 1
+                node.replace_input_with(weight, weights[key])
+            stats["quantized_ops"] += 1
+        graph.remove_unused_params()
+        return PassResult(graph, stats["quantized_ops"] > 0, stats)
+
+    # ------------------------------------------------------------- checks
+    def _require_calibration(self, ops) -> None:
+        for node in ops:
+            if not self._can_quantize(node):
+                continue
+            for act in activation_inputs(node):
+                q = act.meta.get(M.QPARAMS_KEY)
+                if q is None:
+                    raise self.error(
+                        f"input %{act.name} has no calibrated QParams", node,
+                        "call fxopt.calibrate(graph, data) before insert-qdq{scheme=static}, "
+                        "or use scheme=dynamic or scheme=weight-only",
+                    )
+                if q.axis is not None:
+                    raise self.error(f"input %{act.name} has per-channel QParams (axis={q.axis})", node,
+                                     "static activations are quantized per tensor; calibrate without an axis")
+
+    def _can_quantize(self, node: fx.Node) -> bool:
+        info = M.node_info(node)
+        if not isinstance(info, M.TensorInfo) or info.dtype not in QUANTIZABLE_DTYPES:
+            return False
+        if self.scheme == "dynamic" and info.dtype != torch.float32:
+            return False  # choose_qparams.tensor takes float32 only
+        transposed = node.target == aten.convolution.default and bool(node.args[6])
+        return not transposed
+
+    @staticmethod
+    def _weight_arg(node: fx.Node) -> Optional[fx.Node]:
+        index, _ = quantizable_ops()[node.target]["weight"]
+        arg = node.args[index] if index < len(node.args) else None
+        if not is_weight(arg):
+            return None
+        info = M.node_info(arg)
+        ok = isinstance(info, M.TensorInfo) and info.dtype in QUANTIZABLE_DTYPES and len(info.shape) >= 2
+        return arg if ok else None
+
+    # ------------------------------------------------------------ rewrites
+    def _activation_qdq(self, rw: Rewriter, act: fx.Node) -> fx.Node:
+        dtype = M.tensor_info(act).dtype
+        if self.scheme == "dynamic":
+            eps = torch.finfo(torch.float32).eps
+            pair = rw.call(QD.choose_qparams.tensor, act, INT8.qmin, INT8.qmax, eps, torch.int8)
+            scale, zp = rw.call(operator.getitem, pair, 0), rw.call(operator.getitem, pair, 1)
+            q = rw.call(QD.quantize_per_tensor.tensor, act, scale, zp, INT8.qmin, INT8.qmax, torch.int8)
+            return rw.call(QD.dequantize_per_tensor.tensor, q, scale, zp, INT8.qmin, INT8.qmax, torch.int8,
+                           **_out_dtype(dtype))
+        qp = act.meta[M.QPARAMS_KEY]
+        info = QDTYPES[qp.qdtype]
+        scale, zp = float(qp.scale), int(qp.zero_point)
+        q = rw.call(QD.quantize_per_tensor.default, act, scale, zp, info.qmin, info.qmax, info.storage)
+        M.set_qparams(q, qp)
+        return rw.call(QD.dequantize_per_tensor.default, q, scale, zp, info.qmin, info.qmax, info.storage,
+                       **_out_dtype(dtype))
+
+    @staticmethod
+    def _weight_axis(node: fx.Node, weight: fx.Node) -> int:
+        _, axis = quantizable_ops()[node.target]["weight"]
+        return axis % len(M.tensor_info(weight).shape)
+
+    def _weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, axis: int) -> fx.Node:
+        tensor = graph.param(weight)
+        codes, qp = quantize_weight_per_channel(tensor, axis)
+        codes_node = rw.param(f"{weight.target}_int8", codes)
+        scale_node = rw.param(f"{weight.target}_scale", qp.scale)
+        M.set_qparams(codes_node, qp)
+        return rw.call(QD.dequantize_per_channel.default, codes_node, scale_node, None, axis, INT8.qmin, INT8.qmax,
+                       torch.int8, **_out_dtype(tensor.dtype))
