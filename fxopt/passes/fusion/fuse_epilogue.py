@@ -161,10 +161,7 @@ class FuseEpilogue(RewritePass):
     activations: Tuple[str, ...] = ACTIVATIONS
 
     def __post_init__(self):
-        unknown = [a for a in self.activations if a not in ACTIVATIONS]
-        if unknown or not self.activations:
-            raise self.error(f"activations={';'.join(self.activations)!r} names unknown activations {unknown}",
-                             hint=f"choose from {', '.join(ACTIVATIONS)}")
+        self.check_choices("activations", self.activations, ACTIVATIONS, "activations")
 
     def patterns(self) -> List[PatternBase]:
         patterns: List[PatternBase] = []

@@ -170,10 +170,7 @@ class FuseLayerNorm(RewritePass):
     kinds: Tuple[str, ...] = KINDS
 
     def __post_init__(self):
-        unknown = [k for k in self.kinds if k not in KINDS]
-        if unknown or not self.kinds:
-            raise self.error(f"kinds={';'.join(self.kinds)!r} names unknown kinds {unknown}",
-                             hint=f"choose from {', '.join(KINDS)}")
+        self.check_choices("kinds", self.kinds, KINDS, "kinds")
 
     def patterns(self) -> List[PatternBase]:
         patterns: List[PatternBase] = []

@@ -67,6 +67,13 @@ class Pass:
                 changed.append(f"{f.name.replace('_', '-')}={_format_option(value)}")
         return self.name + ("{" + ",".join(changed) + "}" if changed else "")
 
+    def check_choices(self, option: str, values, valid, noun: str) -> None:
+        """Raise PassError when a tuple option is empty or names values outside ``valid``."""
+        unknown = [v for v in values if v not in valid]
+        if unknown or not values:
+            raise self.error(f"{option}={';'.join(values)!r} names unknown {noun} {unknown}",
+                             hint=f"choose from {', '.join(valid)}")
+
     def error(self, message: str, node=None, hint: str = "") -> PassError:
         """A PassError in the house form: ``"<pass>: node %x (op): <problem>; <hint>"``."""
         where = f"{self.name}: node {describe_node(node)}" if node is not None else self.name
