@@ -1,6 +1,6 @@
 """`make demo`: the real all-MiniLM-L6-v2 through fxopt, with a before/after table.
 
-    python -m fxopt.demo [--sentences 32] [--passes cleanup]
+    python -m fxopt.demo [--sentences 32] [--passes fuse]
 
 Captures the model on real English sentences, runs the pipeline, and compares
 the result with the original PyTorch model: graph size, weights, latency
@@ -30,7 +30,7 @@ def embedding_cosine(reference, candidate, inputs) -> float:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=32)
-    parser.add_argument("--passes", default="cleanup")
+    parser.add_argument("--passes", default="fuse")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
