@@ -38,6 +38,11 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
+def count(graph, target) -> int:
+    """How many nodes of the graph call ``target``."""
+    return sum(1 for _ in graph.call_nodes(target))
+
+
 def outputs_of(fn: Callable, inputs: Sequence) -> List[torch.Tensor]:
     with torch.no_grad():
         out = fn(*inputs)

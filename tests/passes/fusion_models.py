@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
-from tests.harness import ACTIVATIONS, ModelCase
+from tests.harness import ACTIVATIONS, ModelCase, count  # noqa: F401  (count is re-exported to the fusion tests)
 
 FUSION_DTYPES = (torch.float32, torch.float16)
 
@@ -407,9 +407,6 @@ def norm_cases(draw, dtypes=FUSION_DTYPES) -> ModelCase:
 
 
 # ================================================================== helpers
-def count(graph, target) -> int:
-    """How many nodes of the graph call ``target``."""
-    return sum(1 for _ in graph.call_nodes(target))
 
 
 def captured_and_cleaned(case: ModelCase):

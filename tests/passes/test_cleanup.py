@@ -6,14 +6,10 @@ from hypothesis import given
 
 import fxopt
 from fxopt.passes.cleanup import EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants, RemoveNoop
-from tests.harness import assert_equivalent, examples, model_cases
+from tests.harness import assert_equivalent, count, examples, model_cases
 
 aten = torch.ops.aten
 CLEANUP_PASSES = ["remove-noop", "fold-constants", "eliminate-common-subexpressions", "eliminate-dead-code"]
-
-
-def count(graph, target):
-    return sum(1 for _ in graph.call_nodes(target))
 
 
 @pytest.mark.parametrize("spec", CLEANUP_PASSES)

@@ -9,15 +9,11 @@ from hypothesis import strategies as st
 
 import fxopt
 from fxopt.ir import meta as M
-from tests.harness import conv_model_cases, examples, token_model_cases
+from tests.harness import conv_model_cases, count, examples, token_model_cases
 
 aten = torch.ops.aten
 QD = torch.ops.quantized_decomposed
 SCHEMES = ("static", "dynamic", "weight-only")
-
-
-def count(graph, target):
-    return sum(1 for _ in graph.call_nodes(target))
 
 
 def quantize(graph, inputs, scheme="static", observer="minmax"):

@@ -8,7 +8,7 @@ from hypothesis import given
 import fxopt
 from fxopt import ExamplePattern, Op, OpPattern, Var, apply_patterns
 from fxopt.errors import PatternError
-from tests.harness import assert_equivalent, examples, token_model_cases
+from tests.harness import assert_equivalent, count, examples, token_model_cases
 
 aten = torch.ops.aten
 
@@ -33,10 +33,6 @@ def linear_relu_rewrite(rw, x, w, b):
 def declarative_linear_relu():
     return OpPattern(Op(aten.relu.default, Op(aten.linear.default, Var("x"), Var("w"), Var("b"))),
                      linear_relu_rewrite)
-
-
-def count(graph, target):
-    return sum(1 for _ in graph.call_nodes(target))
 
 
 @examples(100)
