@@ -15,11 +15,12 @@ from fxopt.passes import (
 )
 
 from fxopt.passes.quantize import calibrate
+from fxopt import train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "calibrate", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
+    "capture", "calibrate", "train", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
     "Rewriter", "ExamplePattern", "OpPattern", "Op", "Var", "AnyValue", "Match", "apply_patterns", "register_pass",
     "register_preset", "registered_passes", "registered_presets", "errors", "FxoptError", "CaptureError",
     "PassError", "PatternError", "MetadataError", "LoweringError", "ArtifactError", "InputError", "__version__",
