@@ -56,8 +56,9 @@ def bert_tiny(batch: int = 2, seq: int = 16):
                         vocab_size=1000, attn_implementation="eager")
     model = deterministic_init_(BertModel(config, add_pooling_layer=False)).eval()
     gen = torch.Generator().manual_seed(1)
-    return model, (torch.randint(0, config.vocab_size, (batch, seq), generator=gen),
-                   torch.ones(batch, seq, dtype=torch.long))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1:, seq * 5 // 8:] = 0  # padding: the attention bias must reach every kernel
+    return model, (torch.randint(0, config.vocab_size, (batch, seq), generator=gen), mask)
 
 
 ALL_MODELS: Dict[str, Callable] = {**MODELS, "bert-tiny": bert_tiny}
@@ -100,10 +101,10 @@ def build(out_dir: str, models: List[str], cleanup: bool, target: str, arch: str
         if cuda_graph and name in no_cuda_graph_too:
             extra = build_one(out_dir, name, f"{name}-nocg", cleanup, target, arch, False)
             entry["extra_libraries"].append({"label": "no CUDA graphs", **extra})
-        for variant in variants:  # "<pipeline preset>+<matmul rule>", e.g. "fuse+mma"
+        for variant in variants:  # "<pipeline spec>+<matmul rule>", e.g. "fuse+mma", "cleanup,fuse-attention+cublaslt"
             passes, matmul = variant.split("+")
-            extra = build_one(out_dir, name, f"{name}-{passes}-{matmul}", cleanup, target, arch, cuda_graph,
-                              passes=passes, matmul=matmul)
+            stem = f"{name}-{passes.replace(',', '-')}-{matmul}"
+            extra = build_one(out_dir, name, stem, cleanup, target, arch, cuda_graph, passes=passes, matmul=matmul)
             entry["extra_libraries"].append({"label": f"{passes}, matmul={matmul}, CUDA graphs", **extra})
         meta["models"][name] = entry
         with open(os.path.join(out_dir, "build.json"), "w") as f:
@@ -503,8 +504,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target", default="cuda", choices=["cuda", "llvm"], help="llvm: CPU dry run")
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--no-cuda-graph", action="store_true")
-    parser.add_argument("--variants", default="", help="extra libraries, comma-separated <preset>+<matmul>, "
-                        "e.g. cleanup+mma,fuse+mma")
+    parser.add_argument("--variants", default="", help="extra libraries, ';'-separated <pipeline spec>+<matmul>, "
+                        "e.g. 'fuse+mma;cleanup,fuse-attention+cublaslt'")
     parser.add_argument("--no-cuda-graph-too", default="bert", metavar="MODELS",
                         help="also build these models without CUDA graphs (<name>-nocg.so); '' for none")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: dry run of --run")
@@ -519,7 +520,7 @@ def main(argv=None) -> None:
     if args.build:
         build(args.build, models or ["bert"], not args.no_cleanup, args.target, args.arch, not args.no_cuda_graph,
               args.no_cuda_graph_too.split(",") if args.no_cuda_graph_too else [],
-              [v for v in args.variants.split(",") if v])
+              [v for v in args.variants.split(";") if v])
     else:
         run(args.run, args.out, args.device, models, args.systems.split(","), args.deadline, not args.no_profile,
             args.warmup_ms, args.rep_ms)

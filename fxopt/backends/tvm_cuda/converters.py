@@ -81,10 +81,165 @@ def _pow_tensor_scalar(node, importer):
     return result
 
 
+def _sdpa(node, importer):
+    """aten.scaled_dot_product_attention on 4-D [B, N, L, D] tensors as ``nn.attention`` (BSNH), scale included.
+
+    The stock converter drops ``scale`` and refuses boolean masks; a boolean
+    mask (True = attend) becomes an additive 0/-inf bias here. Other ranks,
+    dropout and grouped-query attention go to the stock converter.
+    """
+    from tvm import relax
+
+    args = list(node.args) + [None] * (6 - len(node.args))
+    query, key, value = (importer.env[a] for a in args[:3])
+    mask = args[3] if args[3] is not None else node.kwargs.get("attn_mask")
+    dropout = args[4] or node.kwargs.get("dropout_p", 0.0)
+    causal = args[5] or node.kwargs.get("is_causal", False)
+    if len(query.ty.shape) != 4 or dropout or node.kwargs.get("enable_gqa"):
+        return importer._scaled_dot_product_attention(node)
+    bb = importer.block_builder
+    to_bsnh = lambda t: bb.emit(relax.op.permute_dims(t, [0, 2, 1, 3]))  # noqa: E731
+    bias = _additive_mask(bb, importer.env[mask]) if mask is not None else None
+    scale = node.kwargs.get("scale")
+    out = bb.emit(relax.op.nn.attention(to_bsnh(query), to_bsnh(key), to_bsnh(value), bias=bias,
+                                        scale=scale, causal_mask="TopLeft" if causal else None))
+    return to_bsnh(out)
+
+
+def _additive_mask(bb, mask):
+    """SDPA's attn_mask as a 4-D additive bias: a boolean mask (True = attend) becomes 0 / -inf."""
+    from tvm import relax
+
+    if str(mask.ty.dtype) == "bool":
+        mask = bb.emit(relax.op.where(mask, relax.const(0.0, "float32"), relax.const(float("-inf"), "float32")))
+    rank = len(mask.ty.shape)
+    if rank < 4:
+        mask = bb.emit(relax.op.reshape(mask, [1] * (4 - rank) + [int(d) for d in mask.ty.shape]))
+    return mask
+
+
+# ------------------------------------------------------------ quantization
+# The Q/DQ ops insert-qdq emits, as Relax arithmetic that follows the eager
+# kernels (torch.ao.quantization.fx._decomposed) step by step, rounding included.
+def _round_half_to_even(bb, x):
+    """torch.round (ties to even); ``relax.op.round`` rounds ties away from zero."""
+    from tvm import relax, te
+
+    x = x if isinstance(x, relax.Var) else bb.emit(x)
+    return bb.emit_te(lambda t: te.compute(t.shape, lambda *i: te.nearbyint(t(*i)), name="round_half_to_even"), x)
+
+
+def _as_float(value, dtype: str = "float32"):
+    """A Relax tensor cast to ``dtype``, or a Python number as a ``dtype`` constant."""
+    from tvm import relax
+
+    return relax.op.astype(value, dtype) if isinstance(value, relax.Expr) else relax.const(value, dtype)
+
+
+def _reciprocal(scale):
+    """float32(1.0 / scale), the quotient taken in float64 as the eager kernel does with ``scale.item()``."""
+    from tvm import relax
+
+    if not isinstance(scale, relax.Expr):
+        return relax.const(1.0 / scale, "float32")
+    return relax.op.astype(relax.op.divide(relax.const(1.0, "float64"), _as_float(scale, "float64")), "float32")
+
+
+def _clamp_and_cast(bb, codes, qmin, qmax, dtype):
+    from tvm import relax
+
+    clamped = relax.op.minimum(relax.op.maximum(codes, relax.const(qmin, "float32")), relax.const(qmax, "float32"))
+    return bb.emit(relax.op.astype(clamped, dtype))
+
+
+def _quantize_per_tensor(node, importer):
+    """quantized_decomposed.quantize_per_tensor (.default and .tensor): clamp(round(x / scale) + zp).to(dtype)."""
+    from tvm import relax
+
+    x, scale, zero_point, qmin, qmax, dtype = importer.retrieve_args(node)
+    bb = importer.block_builder
+    scaled = relax.op.multiply(relax.op.astype(x, "float32"), _reciprocal(scale))
+    codes = relax.op.add(_round_half_to_even(bb, scaled), _as_float(zero_point))
+    return _clamp_and_cast(bb, codes, qmin, qmax, importer._convert_data_type(dtype))
+
+
+def _dequantize_per_tensor(node, importer):
+    """quantized_decomposed.dequantize_per_tensor (.default and .tensor): (q.to(out) - zp) * scale."""
+    from tvm import relax
+
+    q, scale, zero_point = importer.retrieve_args(node)[:3]
+    out = importer._convert_data_type(node.kwargs.get("out_dtype") or "float32")
+    shifted = relax.op.subtract(relax.op.astype(q, out), _as_float(zero_point, out))
+    return importer.block_builder.emit(relax.op.multiply(shifted, _as_float(scale, out)))
+
+
+def _dequantize_per_channel(node, importer):
+    """quantized_decomposed.dequantize_per_channel: ((q - zp) * scale along ``axis``).to(out_dtype)."""
+    from tvm import relax
+
+    q, scales, zero_points, axis = importer.retrieve_args(node)[:4]
+    bb = importer.block_builder
+    rank = len(q.ty.shape)
+    along_axis = [1] * rank
+    along_axis[axis % rank] = -1
+    channel = lambda t: relax.op.reshape(bb.emit(relax.op.astype(t, "float32")), along_axis)  # noqa: E731
+    values = relax.op.astype(q, "float32")
+    if zero_points is not None:
+        values = relax.op.subtract(values, channel(zero_points))
+    out = importer._convert_data_type(node.kwargs.get("out_dtype") or "float32")
+    return bb.emit(relax.op.astype(relax.op.multiply(values, channel(scales)), out))
+
+
+def _choose_qparams(node, importer):
+    """quantized_decomposed.choose_qparams.tensor: the asymmetric per-tensor (scale f64[1], zero point i64[1])."""
+    from tvm import relax
+
+    x, qmin, qmax, eps = importer.retrieve_args(node)[:4]
+    bb = importer.block_builder
+    x = relax.op.astype(x, "float32")
+    lo = relax.op.minimum(relax.op.min(x), relax.const(0.0, "float32"))
+    hi = relax.op.maximum(relax.op.max(x), relax.const(0.0, "float32"))
+    scale = relax.op.divide(relax.op.subtract(hi, lo), relax.const(float(qmax - qmin), "float32"))
+    scale = bb.emit(relax.op.maximum(scale, relax.const(eps, "float32")))
+    shift = _round_half_to_even(bb, relax.op.divide(lo, scale))
+    zero_point = _clamp_and_cast(bb, relax.op.subtract(relax.const(qmin, "float32"), shift), qmin, qmax, "int64")
+    as_vector = lambda t, dtype: bb.emit(relax.op.reshape(bb.emit(relax.op.astype(t, dtype)), (1,)))  # noqa: E731
+    return as_vector(scale, "float64"), as_vector(zero_point, "int64")
+
+
+def _dequantize_int4_grouped(node, importer):
+    """fxopt.dequantize_int4_grouped: nibbles by mask and shift, interleaved back, (code - zp) * scale per group."""
+    from tvm import relax
+
+    from fxopt.ir.ops import INT4_OFFSET
+
+    packed, scales, zero_points, group_size, out_dtype = importer.retrieve_args(node)
+    bb = importer.block_builder
+    rows, half = (int(d) for d in packed.ty.shape)
+    low = relax.op.bitwise_and(packed, relax.const(0x0F, "uint8"))
+    high = relax.op.right_shift(packed, relax.const(4, "uint8"))
+    nibbles = relax.op.reshape(bb.emit(relax.op.stack([low, high], axis=2)), (rows, -1, group_size))
+    per_group = lambda t: relax.op.reshape(bb.emit(relax.op.astype(t, "float32")), (rows, -1, 1))  # noqa: E731
+    offset = relax.const(float(INT4_OFFSET), "float32")
+    if zero_points is not None:
+        offset = relax.op.add(per_group(zero_points), offset)
+    weight = relax.op.multiply(relax.op.subtract(relax.op.astype(nibbles, "float32"), offset), per_group(scales))
+    dtype = importer._convert_data_type(out_dtype)
+    return bb.emit(relax.op.astype(relax.op.reshape(bb.emit(weight), (rows, 2 * half)), dtype))
+
+
 #: Converters for every fxopt op the CUDA backend can lower, and fixes of stock ATen converters.
 FXOPT_CONVERTERS: Dict[str, Callable] = {
     "linear_act.default": _linear_act,
     "conv_act.default": _conv_act,
     "cumsum.default": _cumsum,
     "pow.Tensor_Scalar": _pow_tensor_scalar,
+    "scaled_dot_product_attention.default": _sdpa,
+    "dequantize_int4_grouped.default": _dequantize_int4_grouped,
+    "quantize_per_tensor.default": _quantize_per_tensor,
+    "quantize_per_tensor.tensor": _quantize_per_tensor,
+    "dequantize_per_tensor.default": _dequantize_per_tensor,
+    "dequantize_per_tensor.tensor": _dequantize_per_tensor,
+    "dequantize_per_channel.default": _dequantize_per_channel,
+    "choose_qparams.tensor": _choose_qparams,
 }

@@ -36,6 +36,8 @@ folded (``folded_*``) stay bound in the library.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -49,8 +51,10 @@ from fxopt.ir.graph import Graph
 TARGET = "cuda"
 DTYPES = ("float16", "float32")
 #: ``build(matmul=...)``: "default" is dlight's gpu.Matmul (WMMA); "mma" tries
-#: :class:`~fxopt.backends.tvm_cuda.matmul_mma.MatmulMMA` (ldmatrix + mma.sync + cp.async, sm_80+) first.
-MATMULS = ("default", "mma")
+#: :class:`~fxopt.backends.tvm_cuda.matmul_mma.MatmulMMA` (ldmatrix + mma.sync + cp.async, sm_80+) first;
+#: "cublaslt" calls cuBLASLt for 16-bit GEMMs and fxopt's fused kernel for fp16 attention
+#: (:mod:`fxopt.backends.tvm_cuda.extension`, :mod:`fxopt.backends.tvm_cuda.offload`).
+MATMULS = ("default", "mma", "cublaslt")
 
 #: Converter signature taken by ``from_exported_program(custom_convert_map=...)``:
 #: ``fn(node: torch.fx.Node, importer: BaseFXGraphImporter) -> relax.Var``; keys
@@ -92,6 +96,8 @@ class CudaLibrary:
     input_names: List[str] = field(default_factory=list)
     #: the weights ``main_transform_params`` takes, in order; empty when weights are embedded
     params: List[ParamSpec] = field(default_factory=list)
+    #: shared libraries the VM calls into (the cuBLASLt extension); loaded before the library
+    extensions: List[str] = field(default_factory=list)
 
     @property
     def param_names(self) -> List[str]:
@@ -107,17 +113,21 @@ class CudaLibrary:
         return {
             "format": PARAMS_FORMAT, "entry": "main", "transform": TRANSFORM_PARAMS if self.params else None,
             "inputs": list(self.input_names), "params": [p.to_json() for p in self.params],
+            "extensions": [os.path.basename(e) for e in self.extensions],
         }
 
     def export(self, path: str) -> str:
         """Write a shared library that ``tvm.runtime.load_module`` loads without a CUDA compiler.
 
-        With weights as inputs, also write :func:`params_json_path` (``model.params.json``) beside it.
+        With weights as inputs, or extensions, also write :func:`params_json_path`
+        (``model.params.json``) beside it; extensions are copied beside it too.
         """
         from fxopt.backends.tvm_cuda.device_binary import export_library
 
         export_library(self.executable, path, {self.cuda_source: self.fatbin} if self.fatbin else {})
-        if self.params:
+        for extension in self.extensions:
+            shutil.copyfile(extension, os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(extension)))
+        if self.params or self.extensions:
             with open(params_json_path(path), "w") as f:
                 json.dump(self.params_manifest(), f, indent=1)
         return path
@@ -178,12 +188,26 @@ def exported_program(graph: Graph) -> "torch.export.ExportedProgram":
     args, kwargs = _example_inputs(graph)
     try:
         program = torch.export.export(graph.module, args, kwargs=kwargs, strict=False)
-        return program.run_decompositions()
+        return program.run_decompositions(decomposition_table())
     except Exception as exc:
         raise LoweringError(
             f"tvm-cuda: torch.export of the captured graph failed: {type(exc).__name__}: {_first_line(exc)}; "
             "run graph.lint() to check the graph"
         ) from exc
+
+
+#: Ops kept whole for their own Relax converters rather than decomposed to core ATen:
+#: SDPA imports to ``nn.attention``, one fused kernel instead of ~20 ops (its decomposition
+#: also adds a NaN-safe softmax that costs more than the attention itself).
+KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+def decomposition_table():
+    """torch.export's default core-ATen decompositions, less :data:`KEPT_WHOLE`."""
+    table = torch.export.default_decompositions()
+    for op in KEPT_WHOLE:
+        table.pop(op, None)
+    return table
 
 
 def _example_inputs(graph: Graph) -> Tuple[tuple, dict]:
@@ -278,6 +302,7 @@ def build(
     require_tvm()
     import tvm
 
+    from fxopt.backends.tvm_cuda import extension
     from fxopt.backends.tvm_cuda.device_binary import compile_fatbin, cuda_source, preload_tensor_intrinsics
 
     if dtype not in DTYPES:
@@ -285,7 +310,8 @@ def build(
     if matmul not in MATMULS:
         raise LoweringError(f"tvm-cuda: matmul {matmul!r} is not known; valid: {', '.join(MATMULS)}")
     target = cuda_target(arch)
-    mod, weights = prepare(graph, dtype, keep_params_as_input, custom_convert_map)
+    mod, weights = prepare(graph, dtype, keep_params_as_input, custom_convert_map,
+                           fused_attention=matmul == "cublaslt")
     preload_tensor_intrinsics()
     config = {"relax.backend.use_cuda_graph": cuda_graph}
     if matmul == "mma":
@@ -299,10 +325,11 @@ def build(
             ) from exc
     source = cuda_source(executable)
     fatbin = compile_fatbin(source, target, fast_math) if compile_kernels else None
+    extensions = [extension.extension_path()] if matmul == "cublaslt" and compile_kernels else []
     params = [
         ParamSpec(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), tensor_crc32(t)) for name, t in weights
     ]
-    return CudaLibrary(executable, target, source, fatbin, [s.name for s in graph.input_specs], params)
+    return CudaLibrary(executable, target, source, fatbin, [s.name for s in graph.input_specs], params, extensions)
 
 
 def prepare(
@@ -310,8 +337,12 @@ def prepare(
     dtype: str = "float16",
     keep_params_as_input: bool = False,
     custom_convert_map: Optional[Dict[str, Converter]] = None,
+    fused_attention: bool = False,
 ):
     """The Relax module :func:`build` compiles, before any target-specific pass, and the weights it takes.
+
+    ``fused_attention`` (fp16 only) hands attention to fxopt's kernel
+    (:func:`~fxopt.backends.tvm_cuda.offload.offload_attention`).
 
     Returns ``(mod, weights)``: ``weights`` lists ``(state_dict key, tensor)``
     in the order ``main_transform_params`` takes them (empty when the weights
@@ -322,6 +353,10 @@ def prepare(
     mod, weights = _import(graph, custom_convert_map, keep_params_as_input)
     if keep_params_as_input:
         mod["main"] = mod["main"].without_attr("params")  # the fp32 values: unused, and they travel with mod
+    if fused_attention and dtype == "float16":
+        from fxopt.backends.tvm_cuda.offload import offload_attention
+
+        mod = offload_attention(mod)
     mod = to_mixed_precision(mod, dtype)
     if keep_params_as_input:
         # After ToMixedPrecision, so the fp32->fp16 casts (and weight transposes) are lifted into
@@ -346,7 +381,12 @@ def cuda_pipeline(target, matmul: str = "default"):
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
 
-    first = []
+    first, offload = [], []
+    if matmul == "cublaslt":
+        from fxopt.backends.tvm_cuda.offload import offload as offload_to_extension
+
+        offload = [tvm.transform.module_pass(lambda mod, _ctx: offload_to_extension(mod), opt_level=0,
+                                             name="fxopt.tvm_cuda.offload")]
     if matmul == "mma":
         from fxopt.backends.tvm_cuda.matmul_mma import PIPELINE_CONFIGS, MatmulMMA, as_dlight_rule
 
@@ -355,6 +395,7 @@ def cuda_pipeline(target, matmul: str = "default"):
     @tvm.transform.module_pass(opt_level=0, name="fxopt.tvm_cuda.pipeline")
     def pipeline(mod, _ctx):
         passes = [
+            *offload,  # 16-bit GEMMs (+ bias) -> cuBLASLt, attention -> fxopt's kernel, before legalization
             relax.backend.DispatchSampling(),  # library dispatch: sampling and sort/scan kernels
             relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),  # every Relax op -> a TIR PrimFunc

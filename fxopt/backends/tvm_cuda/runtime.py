@@ -37,6 +37,19 @@ def load_cuda_runtime() -> Optional[str]:
     return path
 
 
+def load_extensions(library_path: str, names: List[str]) -> None:
+    """Load the shared libraries a library's VM calls into (listed in its manifest), from beside it."""
+    from fxopt.backends.tvm_cuda.extension import load_extension
+
+    folder = os.path.dirname(os.path.abspath(library_path))
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise ArtifactError(f"{library_path}: its manifest needs {name} beside it, which is missing; copy the "
+                                "whole export folder")
+        load_extension(path)
+
+
 def params_json_path(library_path: str) -> str:
     """Where the weight manifest of a library lives: ``model.so`` -> ``model.params.json``."""
     root, ext = os.path.splitext(library_path)
@@ -56,20 +69,21 @@ class CudaModule:
         import tvm
         from tvm.runtime.vm import VirtualMachine  # not imported by ``import tvm`` in runtime-only mode
 
-        if device == "cuda":
-            load_cuda_runtime()
-        start = time.perf_counter()
-        self.rt_mod = tvm.runtime.load_module(library_path)
-        self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-        self.vm = VirtualMachine(self.rt_mod, self.device)
-        self.load_seconds = time.perf_counter() - start
-        self.torch_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         if manifest is None:
             json_path = params_json_path(library_path)
             manifest = json.load(open(json_path)) if os.path.exists(json_path) else {"params": [], "transform": None}
         if manifest.get("format", PARAMS_FORMAT) != PARAMS_FORMAT:
             raise ArtifactError(f"{library_path}: weight manifest format {manifest.get('format')!r} is not "
                                 f"{PARAMS_FORMAT!r}; rebuild the library with this fxopt")
+        if device == "cuda":
+            load_cuda_runtime()
+        start = time.perf_counter()
+        load_extensions(library_path, manifest.get("extensions", []))
+        self.rt_mod = tvm.runtime.load_module(library_path)
+        self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        self.vm = VirtualMachine(self.rt_mod, self.device)
+        self.load_seconds = time.perf_counter() - start
+        self.torch_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         self.manifest = manifest
         self.param_names: List[str] = [p["name"] for p in manifest.get("params", [])]
         self._main = self.vm[manifest.get("entry", "main")]
@@ -151,4 +165,4 @@ def load(library_path: str, device: str = "cuda") -> CudaModule:
     return CudaModule(library_path, device)
 
 
-__all__ = ["CudaModule", "load", "load_cuda_runtime", "params_json_path", "tensor_crc32"]
+__all__ = ["CudaModule", "load", "load_cuda_runtime", "load_extensions", "params_json_path", "tensor_crc32"]

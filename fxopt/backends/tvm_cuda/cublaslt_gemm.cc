@@ -1,0 +1,272 @@
+// fxopt's vendor GEMM for the TVM CUDA backend: cuBLASLt behind TVM-FFI global functions.
+//
+// Relax calls these through R.call_dps_packed (see cublaslt.py, which compiles this file):
+//   fxopt.cublaslt.matmul(a, b, out)             out = a @ b
+//   fxopt.cublaslt.matmul_bias(a, b, bias, out)  out = a @ b + bias   (the bias added in the fp32 epilogue)
+// Row-major shapes: a [..., M, K], b [K, N] (a weight: a's leading dimensions fold into M) or
+// b [batch, K, N] with a [batch, M, K] (a strided-batched GEMM, e.g. attention); out [..., M, N];
+// bias [N]. a, b, out and bias share one dtype, float16 or bfloat16; products accumulate in fp32.
+//
+// The GEMM runs on the stream TVM says is current (TVMFFIEnvGetStream), so calls are captured
+// when the VM records a CUDA graph. A plan (descriptors, layouts, algorithm) is made once per
+// shape: the first call times cuBLASLt's best candidates and keeps the fastest. TVM runs each
+// captured region once before capturing it, so planning and the workspace allocation never
+// happen during a capture.
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/reflection/registry.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace fxopt_cublaslt {
+
+using tvm::ffi::TensorView;
+
+constexpr size_t kWorkspaceBytes = 32u << 20;
+constexpr int kCandidates = 8;
+constexpr int kTimingReps = 5;
+
+void CheckBlas(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    TVM_FFI_THROW(RuntimeError) << "fxopt.cublaslt: " << what << " failed with cuBLAS status "
+                                << static_cast<int>(status);
+  }
+}
+
+void CheckCuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << "fxopt.cublaslt: " << what << " failed: " << cudaGetErrorString(status);
+  }
+}
+
+// The GEMM in row-major terms, plus what the algorithm choice depends on.
+struct Problem {
+  int64_t batch, m, n, k;
+  cudaDataType_t dtype;
+  bool bias;
+  int alignment;  // bytes, the smallest alignment of any pointer
+  auto Key() const { return std::make_tuple(batch, m, n, k, static_cast<int>(dtype), bias, alignment); }
+};
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t layout_a = nullptr, layout_b = nullptr, layout_c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+struct Operands {
+  const void* a;
+  const void* b;
+  const void* bias;
+  void* out;
+};
+
+struct DeviceState {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  std::map<decltype(std::declval<Problem>().Key()), Plan> plans;
+};
+
+std::mutex state_mutex;
+std::map<int, DeviceState> states;
+
+void* DataPtr(const TensorView& t) {
+  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+int64_t Numel(const TensorView& t, int first, int last) {
+  int64_t n = 1;
+  for (int i = first; i < last; ++i) n *= t.shape()[i];
+  return n;
+}
+
+cudaDataType_t BlasType(const TensorView& t) {
+  DLDataType dt = t.dtype();
+  if (dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1) return CUDA_R_16F;
+  if (dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1) return CUDA_R_16BF;
+  TVM_FFI_THROW(TypeError) << "fxopt.cublaslt: only float16 and bfloat16 tensors are supported";
+}
+
+int Alignment(const std::vector<const void*>& ptrs) {
+  int alignment = 256;
+  for (const void* p : ptrs) {
+    if (p == nullptr) continue;
+    while (alignment > 2 && reinterpret_cast<uintptr_t>(p) % alignment != 0) alignment /= 2;
+  }
+  return alignment;
+}
+
+Problem Describe(const TensorView& a, const TensorView& b, const TensorView* bias, const TensorView& out) {
+  int ra = a.ndim(), rb = b.ndim();
+  TVM_FFI_CHECK(ra >= 2 && (rb == 2 || (rb == 3 && ra == 3)), ValueError)
+      << "fxopt.cublaslt: a must be [..., M, K] and b [K, N] or [batch, K, N] with a [batch, M, K]";
+  Problem p;
+  p.k = a.shape()[ra - 1];
+  p.n = b.shape()[rb - 1];
+  TVM_FFI_CHECK(b.shape()[rb - 2] == p.k, ValueError) << "fxopt.cublaslt: inner dimensions differ";
+  p.batch = rb == 3 ? b.shape()[0] : 1;
+  p.m = rb == 3 ? a.shape()[1] : Numel(a, 0, ra - 1);
+  TVM_FFI_CHECK(rb == 2 || a.shape()[0] == p.batch, ValueError) << "fxopt.cublaslt: batch sizes differ";
+  TVM_FFI_CHECK(Numel(out, 0, out.ndim()) == p.batch * p.m * p.n, ValueError)
+      << "fxopt.cublaslt: out has the wrong number of elements";
+  p.dtype = BlasType(a);
+  TVM_FFI_CHECK(BlasType(b) == p.dtype && BlasType(out) == p.dtype, TypeError)
+      << "fxopt.cublaslt: a, b and out must share a dtype";
+  p.bias = bias != nullptr;
+  if (p.bias) {
+    TVM_FFI_CHECK(BlasType(*bias) == p.dtype && Numel(*bias, 0, bias->ndim()) == p.n, ValueError)
+        << "fxopt.cublaslt: bias must be [N] in the dtype of a";
+  }
+  p.alignment = Alignment({DataPtr(a), DataPtr(b), DataPtr(out), p.bias ? DataPtr(*bias) : nullptr});
+  return p;
+}
+
+// Row-major C[M, N] = A[M, K] B[K, N] is column-major C^T[N, M] = B^T[N, K] A^T[K, M]:
+// cuBLASLt's "A" is our b (N x K, ld N) and its "B" is our a (K x M, ld K).
+cublasLtMatrixLayout_t Layout(cudaDataType_t dtype, int64_t rows, int64_t cols, int64_t batch) {
+  cublasLtMatrixLayout_t layout;
+  CheckBlas(cublasLtMatrixLayoutCreate(&layout, dtype, rows, cols, rows), "cublasLtMatrixLayoutCreate");
+  if (batch > 1) {
+    int32_t count = static_cast<int32_t>(batch);
+    int64_t stride = rows * cols;
+    CheckBlas(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)),
+              "set batch count");
+    CheckBlas(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                               sizeof(stride)),
+              "set batch stride");
+  }
+  return layout;
+}
+
+Plan MakePlan(const Problem& p) {
+  Plan plan;
+  CheckBlas(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  if (p.bias) {
+    cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    CheckBlas(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)),
+              "set epilogue");
+    cudaDataType_t bias_type = p.dtype;
+    CheckBlas(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                             sizeof(bias_type)),
+              "set bias dtype");
+  }
+  plan.layout_a = Layout(p.dtype, p.n, p.k, p.batch);
+  plan.layout_b = Layout(p.dtype, p.k, p.m, p.batch);
+  plan.layout_c = Layout(p.dtype, p.n, p.m, p.batch);
+  return plan;
+}
+
+void SetBias(const Plan& plan, const void* bias) {
+  if (bias == nullptr) return;
+  CheckBlas(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
+            "set bias pointer");
+}
+
+void Launch(DeviceState& dev, const Plan& plan, const cublasLtMatmulAlgo_t& algo, const Operands& x,
+            cudaStream_t stream) {
+  const float alpha = 1.0f, beta = 0.0f;
+  SetBias(plan, x.bias);
+  CheckBlas(cublasLtMatmul(dev.handle, plan.desc, &alpha, x.b, plan.layout_a, x.a, plan.layout_b, &beta, x.out,
+                           plan.layout_c, x.out, plan.layout_c, &algo, dev.workspace, kWorkspaceBytes, stream),
+            "cublasLtMatmul");
+}
+
+std::vector<cublasLtMatmulHeuristicResult_t> Candidates(DeviceState& dev, const Problem& p, const Plan& plan) {
+  cublasLtMatmulPreference_t pref;
+  CheckBlas(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+  uint64_t workspace = kWorkspaceBytes;
+  uint32_t alignment = static_cast<uint32_t>(p.alignment);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace));
+  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+    cublasLtMatmulPreferenceSetAttribute(pref, attr, &alignment, sizeof(alignment));
+  }
+  std::vector<cublasLtMatmulHeuristicResult_t> results(kCandidates);
+  int found = 0;
+  cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(dev.handle, plan.desc, plan.layout_a, plan.layout_b,
+                                                         plan.layout_c, plan.layout_c, pref, kCandidates,
+                                                         results.data(), &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  CheckBlas(status, "cublasLtMatmulAlgoGetHeuristic");
+  TVM_FFI_CHECK(found > 0, RuntimeError) << "fxopt.cublaslt: no algorithm for a " << p.m << "x" << p.n << "x"
+                                         << p.k << " GEMM";
+  results.resize(found);
+  return results;
+}
+
+// Times each candidate on the real operands (before any capture) and returns the fastest.
+cublasLtMatmulAlgo_t Fastest(DeviceState& dev, const Plan& plan,
+                             const std::vector<cublasLtMatmulHeuristicResult_t>& candidates, const Operands& x,
+                             cudaStream_t stream) {
+  cudaEvent_t start, stop;
+  CheckCuda(cudaEventCreate(&start), "cudaEventCreate");
+  CheckCuda(cudaEventCreate(&stop), "cudaEventCreate");
+  float best_ms = 1e30f;
+  cublasLtMatmulAlgo_t best = candidates[0].algo;
+  for (const auto& candidate : candidates) {
+    Launch(dev, plan, candidate.algo, x, stream);  // warm-up
+    CheckCuda(cudaEventRecord(start, stream), "cudaEventRecord");
+    for (int i = 0; i < kTimingReps; ++i) Launch(dev, plan, candidate.algo, x, stream);
+    CheckCuda(cudaEventRecord(stop, stream), "cudaEventRecord");
+    CheckCuda(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0;
+    CheckCuda(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    if (ms < best_ms) best_ms = ms, best = candidate.algo;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return best;
+}
+
+bool Capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  CheckCuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+DeviceState& Device(int device_id, bool capturing) {
+  DeviceState& dev = states[device_id];
+  if (dev.handle == nullptr) {
+    TVM_FFI_CHECK(!capturing, RuntimeError) << "fxopt.cublaslt: first GEMM call inside a CUDA graph capture";
+    CheckBlas(cublasLtCreate(&dev.handle), "cublasLtCreate");
+    CheckCuda(cudaMalloc(&dev.workspace, kWorkspaceBytes), "cudaMalloc(workspace)");
+  }
+  return dev;
+}
+
+void Gemm(const TensorView& a, const TensorView& b, const TensorView* bias, const TensorView& out) {
+  Problem p = Describe(a, b, bias, out);
+  int device_id = a.device().device_id;
+  CheckCuda(cudaSetDevice(device_id), "cudaSetDevice");
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
+  Operands x{DataPtr(a), DataPtr(b), bias ? DataPtr(*bias) : nullptr, DataPtr(out)};
+  std::lock_guard<std::mutex> lock(state_mutex);
+  bool capturing = Capturing(stream);
+  DeviceState& dev = Device(device_id, capturing);
+  auto found = dev.plans.find(p.Key());
+  if (found == dev.plans.end()) {
+    TVM_FFI_CHECK(!capturing, RuntimeError) << "fxopt.cublaslt: a new GEMM shape inside a CUDA graph capture";
+    Plan plan = MakePlan(p);
+    plan.algo = Fastest(dev, plan, Candidates(dev, p, plan), x, stream);
+    found = dev.plans.emplace(p.Key(), plan).first;
+  }
+  Launch(dev, found->second, found->second.algo, x, stream);
+}
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  namespace refl = tvm::ffi::reflection;
+  refl::GlobalDef()
+      .def("fxopt.cublaslt.matmul", [](TensorView a, TensorView b, TensorView out) { Gemm(a, b, nullptr, out); })
+      .def("fxopt.cublaslt.matmul_bias",
+           [](TensorView a, TensorView b, TensorView bias, TensorView out) { Gemm(a, b, &bias, out); })
+      .def("fxopt.cublaslt.version", []() -> int64_t { return static_cast<int64_t>(cublasLtGetVersion()); });
+}
+
+}  // namespace fxopt_cublaslt
