@@ -177,3 +177,13 @@ def test_missing_cublas_headers_raise_a_lowering_error(monkeypatch):
     monkeypatch.setattr(extension, "nvidia_dirs", lambda kind: [])
     with pytest.raises(fxopt.LoweringError, match="pip install 'nvidia-cublas"):
         extension.extension_path()
+
+
+def test_without_the_kernel_attention_is_decomposed_so_tvm_mixed_precision_cannot_drop_the_mask():
+    """TVM 0.27's ToMixedPrecision rebuilds nn.attention without bias and scale: only the kernel path keeps SDPA."""
+    model, inputs = bert()
+    graph = fxopt.Pipeline("cleanup,fuse-attention")(fxopt.capture(model, inputs)).graph
+    assert any("scaled_dot_product_attention" in str(n.target) for n in graph.call_nodes())
+    mod, _ = lower.prepare(graph, "float16")
+    assert "R.nn.attention" not in mod["main"].script()
+    assert_matches_eager(graph, mod, inputs, tol=5e-3)

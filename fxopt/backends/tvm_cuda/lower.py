@@ -147,7 +147,7 @@ def to_relax(
     return _import(graph, custom_convert_map, keep_params_as_input)[0]
 
 
-def _import(graph: Graph, custom_convert_map, keep_params_as_input: bool):
+def _import(graph: Graph, custom_convert_map, keep_params_as_input: bool, keep_attention: bool = False):
     """``to_relax``, also returning ``(state_dict key, tensor)`` of each weight ``main`` takes after its inputs."""
     require_tvm()
     from tvm.relax.frontend.torch import from_exported_program
@@ -155,7 +155,7 @@ def _import(graph: Graph, custom_convert_map, keep_params_as_input: bool):
     from fxopt.backends.tvm_cuda.converters import FXOPT_CONVERTERS
 
     converters = {**FXOPT_CONVERTERS, **(custom_convert_map or {})}
-    program = exported_program(graph)
+    program = exported_program(graph, KEPT_WHOLE if keep_attention else ())
     check_supported(program, converters)
     try:
         mod = from_exported_program(
@@ -183,12 +183,12 @@ def _import(graph: Graph, custom_convert_map, keep_params_as_input: bool):
     return mod, [(s.target, program.state_dict[s.target]) for s in specs]
 
 
-def exported_program(graph: Graph) -> "torch.export.ExportedProgram":
+def exported_program(graph: Graph, kept_whole: Tuple = ()) -> "torch.export.ExportedProgram":
     """Re-export the graph's ATen GraphModule and decompose it to core ATen, the importer's best-covered set."""
     args, kwargs = _example_inputs(graph)
     try:
         program = torch.export.export(graph.module, args, kwargs=kwargs, strict=False)
-        return program.run_decompositions(decomposition_table())
+        return program.run_decompositions(decomposition_table(kept_whole))
     except Exception as exc:
         raise LoweringError(
             f"tvm-cuda: torch.export of the captured graph failed: {type(exc).__name__}: {_first_line(exc)}; "
@@ -196,16 +196,17 @@ def exported_program(graph: Graph) -> "torch.export.ExportedProgram":
         ) from exc
 
 
-#: Ops kept whole for their own Relax converters rather than decomposed to core ATen:
-#: SDPA imports to ``nn.attention``, one fused kernel instead of ~20 ops (its decomposition
-#: also adds a NaN-safe softmax that costs more than the attention itself).
+#: Ops kept whole, for fxopt's fused attention kernel, rather than decomposed to core ATen:
+#: SDPA imports to ``nn.attention``, one kernel instead of ~20 ops (its decomposition also adds
+#: a NaN-safe softmax that costs more than the attention itself). Only with the kernel: TVM's
+#: own ``nn.attention`` loses its bias and scale in ToMixedPrecision (see offload.py).
 KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
-def decomposition_table():
-    """torch.export's default core-ATen decompositions, less :data:`KEPT_WHOLE`."""
+def decomposition_table(kept_whole: Tuple = ()):
+    """torch.export's default core-ATen decompositions, less the ops in ``kept_whole``."""
     table = torch.export.default_decompositions()
-    for op in KEPT_WHOLE:
+    for op in kept_whole:
         table.pop(op, None)
     return table
 
@@ -350,7 +351,8 @@ def prepare(
     """
     from tvm import relax
 
-    mod, weights = _import(graph, custom_convert_map, keep_params_as_input)
+    mod, weights = _import(graph, custom_convert_map, keep_params_as_input,
+                           keep_attention=fused_attention and dtype == "float16")
     if keep_params_as_input:
         mod["main"] = mod["main"].without_attr("params")  # the fp32 values: unused, and they travel with mod
     if fused_attention and dtype == "float16":
