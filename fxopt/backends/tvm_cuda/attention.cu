@@ -79,8 +79,6 @@ __global__ void AttentionKernel(Params p) {
   float* scores = reinterpret_cast<float*>(vs + kKeys * ldv);  // per warp: 16 x lds
   half* probs = reinterpret_cast<half*>(scores + kWarps * 16 * lds);  // per warp: 16 x (kKeys + kPad)
   float* acc = reinterpret_cast<float*>(probs + kWarps * 16 * (kKeys + kPad));  // per warp: 16 x ldo
-  float* row_max = acc + kWarps * 16 * ldo;
-  float* row_sum = row_max + kWarps * 16;
 
   const int64_t bh = blockIdx.y, b = bh / p.heads, n = bh % p.heads;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -93,7 +91,9 @@ __global__ void AttentionKernel(Params p) {
   LoadTile(qs, ldq, p.q + ((b * p.len_q + q0) * p.heads + n) * D, q_stride, kRows,
            static_cast<int>(Min(kRows, p.len_q - q0)), D);
   for (int idx = lane; idx < 16 * Dv; idx += 32) my_acc[(idx / Dv) * ldo + idx % Dv] = 0.f;
-  if (lane < 16) row_max[warp * 16 + lane] = -INFINITY, row_sum[warp * 16 + lane] = 0.f;
+  float row_max[16], row_sum[16];  // every lane holds every row's running max and sum
+#pragma unroll
+  for (int r = 0; r < 16; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.f;
 
   // the last key any query of this block may see
   int64_t key_end = p.len_k;
@@ -122,37 +122,52 @@ __global__ void AttentionKernel(Params p) {
     }
     __syncwarp();
 
-    // online softmax, one row at a time: lanes take keys lane and lane + 32, so the bias loads coalesce
+    // online softmax for the warp's 16 rows at once (independent chains, so their latencies overlap):
+    // lane owns keys lane and lane + 32 of every row, so the bias loads coalesce
+    float scaled[16][2], tile_max[16], tile_sum[16];
+#pragma unroll
     for (int r = 0; r < 16; ++r) {
       const int64_t qi = q0 + warp * 16 + r;
-      float s[2];
+#pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int c = lane + 32 * h;
-        const int64_t kj = k0 + c;
-        s[h] = -INFINITY;
-        if (!Masked(p, qi, kj)) {
-          s[h] = my_scores[r * lds + c] * p.scale;
-          if (p.bias != nullptr && qi < p.len_q) s[h] += BiasAt(p, b, n, qi, kj);
+        float v = -INFINITY;
+        if (!Masked(p, qi, k0 + c)) {
+          v = my_scores[r * lds + c] * p.scale;
+          if (p.bias != nullptr && qi < p.len_q) v += BiasAt(p, b, n, qi, k0 + c);
         }
+        scaled[r][h] = v;
       }
-      float tile_max = fmaxf(s[0], s[1]);
-      for (int offset = 16; offset > 0; offset /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, offset));
-      const float old_max = row_max[warp * 16 + r];
-      const float new_max = fmaxf(old_max, tile_max);
-      const float factor = new_max == -INFINITY ? 1.f : __expf(old_max - new_max);
-      float tile_sum = 0.f;
+      tile_max[r] = fmaxf(scaled[r][0], scaled[r][1]);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int r = 0; r < 16; ++r) tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], offset));
+    }
+    float factor[16];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      factor[r] = new_max == -INFINITY ? 1.f : __expf(row_max[r] - new_max);
+      row_max[r] = new_max;
+      tile_sum[r] = 0.f;
+#pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float e = s[h] == -INFINITY ? 0.f : __expf(s[h] - new_max);
-        tile_sum += e;
+        const float e = scaled[r][h] == -INFINITY ? 0.f : __expf(scaled[r][h] - new_max);
+        tile_sum[r] += e;
         my_probs[r * (kKeys + kPad) + lane + 32 * h] = __float2half(e);
       }
-      for (int offset = 16; offset > 0; offset /= 2) tile_sum += __shfl_xor_sync(0xffffffff, tile_sum, offset);
-      for (int c = lane; c < Dv; c += 32) my_acc[r * ldo + c] *= factor;
-      __syncwarp();
-      if (lane == 0) {
-        row_sum[warp * 16 + r] = row_sum[warp * 16 + r] * factor + tile_sum;
-        row_max[warp * 16 + r] = new_max;
-      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int r = 0; r < 16; ++r) tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], offset);
+    }
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      row_sum[r] = row_sum[r] * factor[r] + tile_sum[r];
+      for (int c = lane; c < Dv; c += 32) my_acc[r * ldo + c] *= factor[r];
     }
     __syncwarp();
 
@@ -172,19 +187,19 @@ __global__ void AttentionKernel(Params p) {
     __syncwarp();
   }
 
-  for (int idx = lane; idx < 16 * Dv; idx += 32) {
-    int r = idx / Dv, c = idx % Dv;
-    int64_t qi = q0 + warp * 16 + r;
+#pragma unroll
+  for (int r = 0; r < 16; ++r) {
+    const int64_t qi = q0 + warp * 16 + r;
     if (qi >= p.len_q) continue;
-    float sum = row_sum[warp * 16 + r];
-    float value = sum > 0.f ? my_acc[r * ldo + c] / sum : 0.f;
-    p.out[((b * p.len_q + qi) * p.heads + n) * Dv + c] = __float2half(value);
+    const float inverse = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+    half* row = p.out + ((b * p.len_q + qi) * p.heads + n) * Dv;
+    for (int c = lane; c < Dv; c += 32) row[c] = __float2half(my_acc[r * ldo + c] * inverse);
   }
 }
 
 size_t SharedBytes(int64_t dim, int64_t dim_v) {
   size_t halves = kRows * (dim + kPad) + kKeys * (dim + kPad) + kKeys * (dim_v + kPad);
-  size_t floats = kWarps * 16 * (kKeys + 4) + kWarps * 16 * (dim_v + 4) + 2 * kWarps * 16;
+  size_t floats = kWarps * 16 * (kKeys + 4) + kWarps * 16 * (dim_v + 4);
   return halves * 2 + floats * 4 + kWarps * 16 * (kKeys + kPad) * 2;
 }
 

@@ -342,8 +342,8 @@ def prepare(
 ):
     """The Relax module :func:`build` compiles, before any target-specific pass, and the weights it takes.
 
-    ``fused_attention`` (fp16 only) hands attention to fxopt's kernel
-    (:func:`~fxopt.backends.tvm_cuda.offload.offload_attention`).
+    ``fused_attention`` (fp16 only) hands attention to fxopt's kernel and
+    16-bit GEMMs to cuBLASLt (:mod:`fxopt.backends.tvm_cuda.offload`).
 
     Returns ``(mod, weights)``: ``weights`` lists ``(state_dict key, tensor)``
     in the order ``main_transform_params`` takes them (empty when the weights
@@ -355,11 +355,14 @@ def prepare(
                            keep_attention=fused_attention and dtype == "float16")
     if keep_params_as_input:
         mod["main"] = mod["main"].without_attr("params")  # the fp32 values: unused, and they travel with mod
-    if fused_attention and dtype == "float16":
-        from fxopt.backends.tvm_cuda.offload import offload_attention
+    use_extension = fused_attention and dtype == "float16"
+    if use_extension:
+        from fxopt.backends.tvm_cuda.offload import offload, offload_attention
 
         mod = offload_attention(mod)
     mod = to_mixed_precision(mod, dtype)
+    if use_extension:
+        mod = offload(mod)  # before LiftTransformParams, so the bias casts it adds run once, at load time
     if keep_params_as_input:
         # After ToMixedPrecision, so the fp32->fp16 casts (and weight transposes) are lifted into
         # main_transform_params and run once at load time, not on every call.
@@ -383,12 +386,7 @@ def cuda_pipeline(target, matmul: str = "default"):
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
 
-    first, offload = [], []
-    if matmul == "cublaslt":
-        from fxopt.backends.tvm_cuda.offload import offload as offload_to_extension
-
-        offload = [tvm.transform.module_pass(lambda mod, _ctx: offload_to_extension(mod), opt_level=0,
-                                             name="fxopt.tvm_cuda.offload")]
+    first = []
     if matmul == "mma":
         from fxopt.backends.tvm_cuda.matmul_mma import PIPELINE_CONFIGS, MatmulMMA, as_dlight_rule
 
@@ -397,7 +395,6 @@ def cuda_pipeline(target, matmul: str = "default"):
     @tvm.transform.module_pass(opt_level=0, name="fxopt.tvm_cuda.pipeline")
     def pipeline(mod, _ctx):
         passes = [
-            *offload,  # 16-bit GEMMs (+ bias) -> cuBLASLt, attention -> fxopt's kernel, before legalization
             relax.backend.DispatchSampling(),  # library dispatch: sampling and sort/scan kernels
             relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),  # every Relax op -> a TIR PrimFunc
