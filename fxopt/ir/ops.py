@@ -115,3 +115,59 @@ QDQ_TARGETS = frozenset({
     QD.choose_qparams.tensor,
 })
 UNFOLDABLE_TARGETS.update(QDQ_TARGETS)
+
+
+# ======================================================= int4 group-wise weights
+# ``insert-qdq{scheme=weight-only,bits=4}`` stores a weight [out, in] as uint8
+# [out, in/2]: column 2j in the low nibble of byte j, column 2j+1 in the high
+# nibble. A nibble holds the int4 code plus 8 (codes -8..7 as 0..15), so
+# unpacking is a shift and a mask with no sign extension. Every ``group_size``
+# consecutive columns of a row share a float32 scale and, when asymmetric, an
+# int8 zero point in [-8, 7]:
+#     w[o, i] = (code[o, i] - zero_point[o, i // group_size]) * scale[o, i // group_size]
+# No torch op does this, hence an fxopt op; fold-constants must keep it.
+INT4_OFFSET = 8
+
+_LIBRARY.define(
+    "dequantize_int4_grouped(Tensor packed, Tensor scales, Tensor? zero_points, int group_size, "
+    "ScalarType out_dtype) -> Tensor"
+)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., n/2]`` holding two nibbles a byte -> the int4 codes as int8 ``[..., n]`` in [-8, 7]."""
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+    return nibbles.to(torch.int8) - INT4_OFFSET
+
+
+def _check_int4_grouped(packed, scales, zero_points, group_size: int) -> None:
+    where = "fxopt.dequantize_int4_grouped"
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"{where}: packed must be a 2-D uint8 tensor, got {packed.dtype}{list(packed.shape)}")
+    columns = packed.shape[1] * 2
+    if group_size <= 0 or columns % group_size:
+        raise ValueError(f"{where}: group_size={group_size} does not divide the {columns} unpacked columns")
+    groups = (packed.shape[0], columns // group_size)
+    for name, t in (("scales", scales), ("zero_points", zero_points)):
+        if t is not None and tuple(t.shape) != groups:
+            raise ValueError(f"{where}: {name} has shape {list(t.shape)}, expected {list(groups)} (rows, groups)")
+
+
+@torch.library.impl(_LIBRARY, "dequantize_int4_grouped", "CompositeExplicitAutograd")
+def _dequantize_int4_grouped_kernel(packed, scales, zero_points, group_size: int, out_dtype) -> torch.Tensor:
+    """The float weight ``[out, in]`` of packed int4 codes with one scale (and zero point) per group."""
+    _check_int4_grouped(packed, scales, zero_points, group_size)
+    rows = packed.shape[0]
+    codes = unpack_int4(packed).reshape(rows, -1, group_size).float()
+    if zero_points is not None:
+        codes = codes - zero_points.reshape(rows, -1, 1).float()
+    return (codes * scales.reshape(rows, -1, 1).float()).reshape(rows, -1).to(out_dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dequantize_int4_grouped", lib=_LIBRARY)
+def _dequantize_int4_grouped_fake(packed, scales, zero_points, group_size, out_dtype):
+    _check_int4_grouped(packed, scales, zero_points, group_size)
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=out_dtype)
+
+
+UNFOLDABLE_TARGETS.add(fxopt_ops().dequantize_int4_grouped.default)

