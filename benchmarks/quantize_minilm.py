@@ -174,6 +174,12 @@ def markdown(rows: List[Row], fp32_bytes: int, command: str, sentences: int, sec
         "word-embedding table is 46.9 MB (fxopt keeps it fp32; ONNX Runtime quantizes it too).",
         "Issue 5's bar for static int8: mean cosine >= 0.99 and NN agreement >= 0.95.",
         "",
+        "Static means per-tensor int8 activations (min-max, asymmetric) and per-channel int8 weights in every "
+        "quantized op. Smooth-quant: calibrate -> `smooth-quant{alpha=" + f"{ALPHA}" + "}` -> calibrate -> "
+        "`insert-qdq{scheme=static}`. Mixed precision: the same smoothed graph, "
+        "`choose_float_layers(..., tolerance, metric=pooled_cosine_distance, activation_matmuls=False)` on the "
+        "calibration half, then `insert-qdq{scheme=static,activation-matmuls=false,skip=<those linears>}`.",
+        "",
         "| scheme | mean cosine | NN agreement | size MB | notes |",
         "|---|---|---|---|---|",
     ]
