@@ -203,6 +203,16 @@ size_t SharedBytes(int64_t dim, int64_t dim_v) {
   return halves * 2 + floats * 4 + kWarps * 16 * (kKeys + kPad) * 2;
 }
 
+// Raises the kernel's dynamic shared memory limit only when a larger head size needs it, not on every call.
+void AllowSharedBytes(size_t shared) {
+  static size_t allowed = 0;
+  if (shared <= allowed) return;
+  cudaError_t status = cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(shared));
+  if (status != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "fxopt.attention: " << cudaGetErrorString(status);
+  allowed = shared;
+}
+
 void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
 bool IsHalf(const TensorView& t) { return t.dtype().code == kDLFloat && t.dtype().bits == 16; }
@@ -248,14 +258,12 @@ void Attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   if (bias != nullptr) SetBias(p, *bias);
   if (p.len_q == 0 || p.batch * p.heads == 0) return;
   size_t shared = SharedBytes(p.dim, p.dim_v);
-  cudaError_t status = cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(shared));
-  if (status != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "fxopt.attention: " << cudaGetErrorString(status);
+  AllowSharedBytes(shared);
   int device_id = q.device().device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
   dim3 grid(static_cast<unsigned>((p.len_q + kRows - 1) / kRows), static_cast<unsigned>(p.batch * p.heads));
   AttentionKernel<<<grid, kWarps * 32, shared, stream>>>(p);
-  status = cudaGetLastError();
+  cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "fxopt.attention: launch failed: " << cudaGetErrorString(status);
 }
 

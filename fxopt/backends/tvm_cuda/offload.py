@@ -187,7 +187,7 @@ def tvm_float(value: float):
     """A float64 PrimExpr: the packed function takes a C double."""
     import tvm
 
-    return tvm.tirx.FloatImm("float64", value) if hasattr(tvm, "tirx") else tvm.tir.FloatImm("float64", value)
+    return tvm.tirx.FloatImm("float64", value)  # TVM 0.27 (pinned) names the TIR module tirx
 
 
 # ------------------------------------------------------------ glue around the calls
