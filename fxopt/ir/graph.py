@@ -130,11 +130,12 @@ class Graph:
             if n.op == "get_attr" and not n.users:
                 self.module.graph.erase_node(n)
         referenced = {n.target for n in self.module.graph.nodes if n.op == "get_attr"}
+        modules = tuple(f"{n.target}." for n in self.module.graph.nodes if n.op == "call_module")
         stored = [name for name, _ in self.module.named_parameters(remove_duplicate=False)]
         stored += [name for name, _ in self.module.named_buffers(remove_duplicate=False)]
         removed = 0
         for name in stored:
-            if name not in referenced:
+            if name not in referenced and not name.startswith(modules):
                 owner, attr = _owner_and_attr(self.module, name)
                 delattr(owner, attr)
                 removed += 1

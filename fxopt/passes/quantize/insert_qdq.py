@@ -23,7 +23,8 @@ Schemes:
 ``activation-matmuls=false`` leaves matmuls between two activations (attention
 scores and context) in floating point. ``skip=linear_5;matmul_1`` leaves the
 named op nodes in floating point (mixed precision; ``fxopt.passes.quantize.
-choose_float_layers`` picks them).
+choose_float_layers`` picks them). ``embeddings=true`` also stores embedding
+tables as int8 with a scale per row.
 
 Weights are stored as int8 tensors (``graph.size_bytes()`` shrinks about 4x);
 their dequantize ops are in ``UNFOLDABLE_TARGETS`` so fold-constants keeps
@@ -95,6 +96,9 @@ class InsertQDQ(Pass):
     #: bits=4: "rtn" rounds each weight to the nearest code; "gptq" spreads rounding errors using the
     #: calibration sample that ``fxopt.calibrate`` keeps on the graph (see fxopt.passes.quantize.gptq).
     method: str = "rtn"
+    #: Also store embedding tables as int8, one scale per row (the x86-int8 backend gathers and scales
+    #: only the rows it looks up; eager dequantizes the whole table on every call).
+    embeddings: bool = False
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -132,8 +136,25 @@ class InsertQDQ(Pass):
                     stats["weights"] += 1
                 node.replace_input_with(weight, weights[key])
             stats["quantized_ops"] += 1
+        if self.embeddings:
+            stats["embeddings"] = self._quantize_embeddings(graph, weights)
         graph.remove_unused_params()
         return PassResult(graph, stats["quantized_ops"] > 0, stats)
+
+    def _quantize_embeddings(self, graph: Graph, weights: Dict[tuple, fx.Node]) -> int:
+        count = 0
+        for node in list(graph.call_nodes(aten.embedding.default)):
+            table = node.args[0]
+            info = M.node_info(table)
+            if not (is_weight(table) and isinstance(info, M.TensorInfo) and info.dtype in QUANTIZABLE_DTYPES
+                    and len(info.shape) == 2):
+                continue
+            key = (table.target, 0)
+            if key not in weights:
+                weights[key] = self._int8_weight_dq(graph, Rewriter(graph, node), table, 0)
+            node.replace_input_with(table, weights[key])
+            count += 1
+        return count
 
     # ------------------------------------------------------------- checks
     def _without_skipped(self, ops):
@@ -246,6 +267,9 @@ class InsertQDQ(Pass):
                    hessian: Optional[torch.Tensor] = None) -> fx.Node:
         if self.bits == 4:
             return self._int4_weight_dq(graph, rw, weight, hessian)
+        return self._int8_weight_dq(graph, rw, weight, axis)
+
+    def _int8_weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, axis: int) -> fx.Node:
         tensor = graph.param(weight)
         codes, qp = quantize_weight_per_channel(tensor, axis)
         codes_node = rw.param(f"{weight.target}_int8", codes)

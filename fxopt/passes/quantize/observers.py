@@ -7,8 +7,8 @@
 
 Every observer works per tensor (``axis=None``) or per channel (``axis=k``),
 symmetric (zero point 0, range ``[-amax, amax]``) or asymmetric (range
-``[min, max]`` widened to include 0), for ``int8``, ``uint8`` and ``int4``
-(int4 values are stored in int8 with the range [-8, 7]). Observers stream:
+``[min, max]`` widened to include 0), for ``int8``, ``uint8``, ``int7`` and ``int4``
+(int7 and int4 values are stored in int8 with the ranges [-64, 63] and [-8, 7]). Observers stream:
 memory does not grow with the number of batches. ``percentile`` and ``mse``
 keep a bounded random sample of the values (``sample_size`` per channel).
 """
@@ -35,6 +35,9 @@ QDTYPES: Dict[str, QDtype] = {
     "int8": QDtype("int8", torch.int8, -128, 127),
     "uint8": QDtype("uint8", torch.uint8, 0, 255),
     "int4": QDtype("int4", torch.int8, -8, 7),
+    # 7-bit activation codes: x86 CPUs without VNNI add pairs of u8 x s8 products in a saturating
+    # int16, so their int8 kernels need activations in 0..127 (PyTorch's "reduce range").
+    "int7": QDtype("int7", torch.int8, -64, 63),
 }
 SCHEMES = ("symmetric", "asymmetric")
 #: Symmetric ranges need a signed type: a zero point of 0 in uint8 would waste half the codes.

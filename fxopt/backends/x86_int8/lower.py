@@ -1,0 +1,265 @@
+"""Lower a quantized Graph (Q/DQ form, from ``insert-qdq``) to int8 kernels on x86.
+
+    %q  = quantize_per_tensor(%x, s, z, -128, 127, int8)       %y = call_module[int8_linear](%x)
+    %dq = dequantize_per_tensor(%q, s, z, -128, 127, int8)  ->     oneDNN u8 x s8 -> int32 GEMM with
+    %w  = dequantize_per_channel(%w_int8, %w_scale, ...)           scale, bias and gelu in its epilogue
+    %y  = fxopt.linear_act(%dq, %w, %b, "gelu")
+
+The same for the dynamic scheme (ranges chosen at run time) and for int8
+embedding tables (``Int8Embedding`` gathers rows, then scales them). A linear
+whose output feeds only another int8 linear hands over uint8 codes directly:
+the requantization is fused into the first GEMM's epilogue.
+
+Everything else runs as it is in PyTorch: LayerNorm, softmax, attention
+matmuls, float layers kept by mixed precision. An op that reads dequantized
+values but has no int8 kernel here (an int8 matmul between activations, a
+conv) runs in float32 on those values, and one warning names such ops.
+
+The source of truth is the quantized Graph: ``lower`` never changes it, and
+an artifact stores it and lowers again on load, for the loading CPU's ISA.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from fxopt.backends.x86_int8.isa import Isa, detect_isa
+from fxopt.backends.x86_int8.kernels import ActivationCodes, Int8Embedding, Int8Linear
+from fxopt.errors import describe_node, op_name
+from fxopt.ir.graph import Graph
+from fxopt.ir.ops import fxopt_ops
+
+aten = torch.ops.aten
+QD = torch.ops.quantized_decomposed
+TARGET = "x86-int8"
+
+
+def _q_targets():
+    return {
+        "static": (QD.quantize_per_tensor.default, QD.dequantize_per_tensor.default),
+        "dynamic": (QD.quantize_per_tensor.tensor, QD.dequantize_per_tensor.tensor),
+    }
+
+
+def _dequantize_targets() -> set:
+    return {QD.dequantize_per_tensor.default, QD.dequantize_per_tensor.tensor, QD.dequantize_per_channel.default,
+            fxopt_ops().dequantize_int4_grouped.default}
+
+
+@dataclass
+class LoweringReport:
+    """What ``lower`` did: int8 kernels placed, fused requantizations, float fallbacks."""
+
+    isa: str
+    int8_linears: int = 0
+    int8_embeddings: int = 0
+    fused_requantizations: int = 0
+    inexact_activation_codes: List[str] = field(default_factory=list)
+    float_fallbacks: Dict[str, List[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"isa": self.isa, "int8_linears": self.int8_linears, "int8_embeddings": self.int8_embeddings,
+                "fused_requantizations": self.fused_requantizations,
+                "inexact_activation_codes": len(self.inexact_activation_codes),
+                "float_fallbacks": {op: len(nodes) for op, nodes in self.float_fallbacks.items()}}
+
+
+class X86Int8Module:
+    """A quantized graph lowered to x86 int8 kernels: call it like the model's forward."""
+
+    target = TARGET
+
+    def __init__(self, graph: Graph, module: fx.GraphModule, isa: Isa, report: LoweringReport):
+        self.graph = graph  # the quantized source graph (what an artifact stores)
+        self.module = module
+        self.isa = isa
+        self.report = report
+
+    def __call__(self, *inputs, **kwargs):
+        self.graph.check_inputs(inputs, kwargs)
+        with torch.inference_mode():
+            return self.module(*inputs, **kwargs)
+
+    def save(self, directory) -> str:
+        from fxopt.backends.artifact import save_artifact
+        return save_artifact(self.graph, directory, target=TARGET,
+                             extra={"isa_at_build": self.isa.name, "lowering": self.report.as_dict()})
+
+
+def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True) -> X86Int8Module:
+    """Lower ``graph`` for ``isa`` (default: this CPU's). ``graph`` itself is not changed."""
+    isa = isa or detect_isa()
+    work = graph.copy()
+    report = LoweringReport(isa.name)
+    _lower_linears(work, isa, report)
+    _lower_embeddings(work, report)
+    work.fx_graph.eliminate_dead_code()
+    _fuse_requantization(work, report)
+    work.remove_unused_params()
+    _find_float_fallbacks(work, report)
+    work.recompile()
+    if warn:
+        _warn(report)
+    return X86Int8Module(graph, work.module, isa, report)
+
+
+def load(directory) -> X86Int8Module:
+    """Load an ``x86-int8`` artifact saved by :meth:`X86Int8Module.save` and lower it for this CPU."""
+    from fxopt.backends.artifact import load_artifact
+    from fxopt.errors import ArtifactError
+    graph, manifest = load_artifact(directory)
+    if manifest.get("target") != TARGET:
+        raise ArtifactError(f"{directory}: the artifact's target is {manifest.get('target')!r}, not {TARGET!r}; "
+                            f"load it with the backend for its target")
+    return lower(graph)
+
+
+# ----------------------------------------------------------------- linears
+def _lower_linears(graph: Graph, isa: Isa, report: LoweringReport) -> None:
+    linear_act = fxopt_ops().linear_act.default
+    for node in list(graph.call_nodes()):
+        if node.target not in (aten.linear.default, linear_act):
+            continue
+        activation = node.args[3] if node.target == linear_act else "none"
+        parts = _int8_linear_parts(graph, node)
+        if parts is None:
+            continue
+        x, codes_spec, weight_codes, weight_scale, bias = parts
+        codes = None
+        if codes_spec is not None:
+            codes, exact = ActivationCodes.for_isa(*codes_spec, isa=isa)
+            if not exact:
+                report.inexact_activation_codes.append(node.name)
+        module = Int8Linear(weight_codes, weight_scale, bias, codes, activation, isa.activation_levels)
+        _replace_with_module(graph, node, f"int8_{node.name}", module, x)
+        report.int8_linears += 1
+
+
+def _int8_linear_parts(graph: Graph, node: fx.Node):
+    """(float input, static code spec or None, int8 weight, weight scales, bias) when ``node`` has int8 kernels."""
+    act, weight = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    source = _quantized_source(act)
+    weight_parts = _per_channel_int8_weight(graph, weight, axis=0)
+    if source is None or weight_parts is None or not (bias is None or _is_param(bias)):
+        return None
+    x, codes_spec = source
+    return x, codes_spec, *weight_parts, (graph.param(bias) if bias is not None else None)
+
+
+def _quantized_source(act) -> Optional[Tuple[fx.Node, Optional[tuple]]]:
+    """For ``dequantize(quantize(x))`` in int8 or uint8: ``(x, (scale, zp, qmin, qmax))``, or ``(x, None)`` if dynamic."""
+    if not isinstance(act, fx.Node) or act.op != "call_function":
+        return None
+    for scheme, (q_target, dq_target) in _q_targets().items():
+        q = act.args[0] if act.target == dq_target else None
+        if not (isinstance(q, fx.Node) and q.target == q_target):
+            continue
+        x, scale, zp, qmin, qmax, dtype = q.args[:6]
+        if dtype not in (torch.int8, torch.uint8) or (qmin, qmax) != tuple(act.args[3:5]):
+            return None
+        if scheme == "dynamic":
+            return x, None
+        return x, (float(scale), int(zp), int(qmin), int(qmax))
+    return None
+
+
+def _per_channel_int8_weight(graph: Graph, weight, axis: int):
+    """(int8 codes, scales) of ``dequantize_per_channel(codes, scales, None, axis, ...)`` over stored weights."""
+    if not (isinstance(weight, fx.Node) and weight.target == QD.dequantize_per_channel.default):
+        return None
+    codes, scales, zero_points, w_axis = weight.args[:4]
+    if not (_is_param(codes) and _is_param(scales) and w_axis == axis):
+        return None
+    tensor = graph.param(codes)
+    if tensor.dtype != torch.int8 or tensor.dim() != 2:
+        return None
+    if zero_points is not None:
+        if not _is_param(zero_points) or graph.param(zero_points).abs().max() != 0:
+            return None
+    return tensor, graph.param(scales)
+
+
+def _is_param(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _replace_with_module(graph: Graph, node: fx.Node, name_hint: str, module: torch.nn.Module,
+                         *args) -> fx.Node:
+    name = name_hint
+    while hasattr(graph.module, name):
+        name += "_"
+    graph.module.add_submodule(name, module)
+    with graph.fx_graph.inserting_before(node):
+        new = graph.fx_graph.call_module(name, tuple(args))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.fx_graph.erase_node(node)
+    return new
+
+
+# -------------------------------------------------------------- embeddings
+def _lower_embeddings(graph: Graph, report: LoweringReport) -> None:
+    for node in list(graph.call_nodes(aten.embedding.default)):
+        weight, ids = node.args[0], node.args[1]
+        parts = _per_channel_int8_weight(graph, weight, axis=0)
+        if parts is None:
+            continue
+        padding_idx = node.args[2] if len(node.args) > 2 else -1
+        _replace_with_module(graph, node, f"int8_{node.name}", Int8Embedding(*parts, None, padding_idx), ids)
+        report.int8_embeddings += 1
+
+
+# ---------------------------------------------------- fused requantization
+def _fuse_requantization(graph: Graph, report: LoweringReport) -> None:
+    """``int8_linear -> int8_linear`` with nothing in between: the first one emits the second one's codes."""
+    for node in graph.fx_graph.nodes:
+        consumer = _int8_linear(graph, node)
+        if consumer is None or consumer.input_codes is None:
+            continue
+        source = node.args[0]
+        producer = _int8_linear(graph, source)
+        if producer is None or producer.output_codes is not None or len(source.users) != 1:
+            continue
+        producer.output_codes = consumer.input_codes
+        consumer.takes_codes = True
+        report.fused_requantizations += 1
+
+
+def _int8_linear(graph: Graph, node) -> Optional[Int8Linear]:
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return None
+    module = graph.module.get_submodule(node.target)
+    return module if isinstance(module, Int8Linear) else None
+
+
+# ----------------------------------------------------------------- reports
+def _find_float_fallbacks(graph: Graph, report: LoweringReport) -> None:
+    """Ops that read dequantized values and got no int8 kernel: they run in float32."""
+    dequantize = _dequantize_targets()
+    for node in graph.call_nodes():
+        if node.target in dequantize or node.target is operator.getitem:
+            continue
+        reads = [a for a in node.all_input_nodes if a.op == "call_function" and a.target in dequantize]
+        if reads:
+            report.float_fallbacks.setdefault(op_name(node), []).append(node.name)
+
+
+def _warn(report: LoweringReport) -> None:
+    if report.float_fallbacks:
+        ops = "; ".join(f"{op} x{len(nodes)} ({', '.join('%' + n for n in nodes[:3])}"
+                        f"{', ...' if len(nodes) > 3 else ''})" for op, nodes in report.float_fallbacks.items())
+        warnings.warn(f"x86-int8: no int8 kernel for {ops}; these run in float32 on dequantized inputs. "
+                      f"To avoid the quantize/dequantize cost, leave them in float (e.g. insert-qdq"
+                      f"{{activation-matmuls=false}} or skip=<node>)", stacklevel=3)
+    if report.inexact_activation_codes:
+        warnings.warn(f"x86-int8: this CPU ({report.isa}) has no VNNI, so its int8 GEMM saturates with 8-bit "
+                      f"activations; {len(report.inexact_activation_codes)} linears use 7-bit activation codes "
+                      f"over the calibrated ranges instead (less accurate). Calibrate with qdtype='int7' to "
+                      f"make this explicit", stacklevel=3)
