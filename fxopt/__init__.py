@@ -16,11 +16,12 @@ from fxopt.passes import (
 
 from fxopt.passes.quantize import calibrate
 from fxopt import train
+from fxopt.api import OptimizedModel, load, optimize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "calibrate", "train", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
+    "optimize", "load", "OptimizedModel", "capture", "calibrate", "train", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
     "Rewriter", "ExamplePattern", "OpPattern", "Op", "Var", "AnyValue", "Match", "apply_patterns", "register_pass",
     "register_preset", "registered_passes", "registered_presets", "errors", "FxoptError", "CaptureError",
     "PassError", "PatternError", "MetadataError", "LoweringError", "ArtifactError", "InputError", "__version__",

@@ -11,7 +11,7 @@ The format (``format_version`` 1)::
        {"name": "x", "op": "placeholder", "target": "x", "val": {"shape": ["s0", 4], "dtype": "float32"}},
        {"name": "l_weight", "op": "get_attr", "target": "l.weight"},
        {"name": "linear", "op": "call_function", "target": "aten::linear.default",
-        "args": [{"node": "x"}, {"node": "l_weight"}, null], "kwargs": {}, "stack_trace": "..."},
+        "args": [{"node": "x"}, {"node": "l_weight"}, null], "kwargs": {}},
        {"name": "output", "op": "output", "target": "output", "args": [[{"node": "linear"}]], "kwargs": {}}],
      "symbols": {"s0": 3},                       # dynamic dim -> its example size
      "params": {"l.weight": {"kind": "parameter", "dtype": "float32", "shape": [4, 4], "stride": [4, 1],
@@ -99,10 +99,11 @@ def _node_to_json(graph: Graph, node: fx.Node, symbols: Dict[str, int]) -> dict:
         entry["kwargs"] = {k: _value_to_json(node, v) for k, v in node.kwargs.items()}
     if node.op == "placeholder":
         entry["val"] = _placeholder_val_to_json(node, symbols)
-    if isinstance(node.meta.get("stack_trace"), str):
-        entry["stack_trace"] = node.meta["stack_trace"]
-    if M.QPARAMS_KEY in node.meta:
-        entry["qparams"] = _qparams_to_json(node, node.meta[M.QPARAMS_KEY])
+    # Stack traces are not saved: they hold the building machine's source paths, and are most of the text.
+    # Per-channel QParams are not saved either: their scales are weights of the graph already (MBs of JSON).
+    qparams = node.meta.get(M.QPARAMS_KEY)
+    if qparams is not None and torch.as_tensor(qparams.scale).numel() == 1:
+        entry["qparams"] = _qparams_to_json(node, qparams)
     return entry
 
 
@@ -286,8 +287,6 @@ def _node_from_json(fx_graph: fx.Graph, entry: dict, nodes: Dict[str, fx.Node]) 
     node = fx_graph.create_node(op, target, args, kwargs, name=name)
     if node.name != name:
         raise ArtifactError(f"graph.json: node %{name} was renamed %{node.name}; node names must be unique")
-    if "stack_trace" in entry:
-        node.meta["stack_trace"] = entry["stack_trace"]
     return node
 
 
