@@ -29,6 +29,7 @@ from fxopt.errors import ArtifactError, InputError
 from fxopt.ir import Graph, capture
 from fxopt.passes import Pipeline
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
+from fxopt.passes.quantize.half_weights import HalfWeights
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 
 TARGETS = ("eager", "x86-int8")
@@ -94,6 +95,7 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: 
                      metric: Optional[Callable] = None, progress: bool = True):
     """Smooth-quant, calibrate and insert static int8 Q/DQ the way the x86 int8 kernels want them."""
     batches = _calibration_batches(example_inputs, calibration_data)
+    # Without VNNI the int8 GEMM is exact only on 7-bit activation codes (see fxopt/backends/x86_int8/isa.py).
     qdtype = "int8" if x86_int8.detect_isa().exact_8bit else "int7"
     calibrated = calibrate_smoothed(graph, batches, SMOOTH_ALPHA, progress=progress, qdtype=qdtype)
     skip = ()
@@ -103,7 +105,8 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: 
                                    **options)
         skip = plan.float_layers
     insert = InsertQDQ(scheme="static", activation_matmuls=False, embeddings=True, skip=skip)
-    return insert(calibrated).graph, insert.spec()
+    quantized = HalfWeights()(insert(calibrated).graph).graph  # the linears kept in float: float16 on disk
+    return quantized, f"{insert.spec()},{HalfWeights().spec()}"
 
 
 def load(directory: Union[str, Path]) -> OptimizedModel:

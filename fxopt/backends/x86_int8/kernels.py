@@ -25,7 +25,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fxopt.backends.x86_int8.isa import Isa
 from fxopt.ir.ops import EPILOGUE_ACTIVATIONS
 
 #: fxopt activation name -> (oneDNN post-op, algorithm) fused into the GEMM epilogue.
@@ -46,18 +45,18 @@ class ActivationCodes:
     levels: int  # largest code (255, or 127 without VNNI)
 
     @classmethod
-    def for_isa(cls, scale: float, zero_point: int, qmin: int, qmax: int, isa: Isa) -> Tuple["ActivationCodes", bool]:
-        """The codes for a graph's ``quantize(x, scale, zero_point, qmin, qmax)`` on ``isa``.
+    def for_levels(cls, scale: float, zero_point: int, qmin: int, qmax: int, levels: int
+                   ) -> Tuple["ActivationCodes", bool]:
+        """The codes for a graph's ``quantize(x, scale, zero_point, qmin, qmax)`` when the kernel takes ``levels``.
 
         Returns the codes and whether they are exactly the graph's codes (shifted
-        by ``-qmin``). When the graph's range has more levels than the ISA may
+        by ``-qmin``). When the graph's range has more levels than the kernel may
         take, the same float range is spread over fewer levels (lossy).
         """
-        levels = qmax - qmin
-        if levels <= isa.activation_levels:
-            return cls(float(scale), int(zero_point) - qmin, levels), True
+        if qmax - qmin <= levels:
+            return cls(float(scale), int(zero_point) - qmin, qmax - qmin), True
         lo, hi = (qmin - zero_point) * scale, (qmax - zero_point) * scale
-        return cls.from_range(lo, hi, isa.activation_levels), False
+        return cls.from_range(lo, hi, levels), False
 
     @classmethod
     def from_range(cls, lo: float, hi: float, levels: int) -> "ActivationCodes":

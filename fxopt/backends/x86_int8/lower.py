@@ -30,8 +30,9 @@ import torch
 import torch.fx as fx
 
 from fxopt.backends.x86_int8.isa import Isa, detect_isa
-from fxopt.backends.x86_int8.kernels import ActivationCodes, Int8Embedding, Int8Linear
+from fxopt.backends.x86_int8.kernels import FUSED_ACTIVATIONS, ActivationCodes, Int8Embedding, Int8Linear
 from fxopt.errors import describe_node, op_name
+from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
 from fxopt.ir.ops import fxopt_ops
 
@@ -97,6 +98,7 @@ def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True) -> X86Int8
     isa = isa or detect_isa()
     work = graph.copy()
     report = LoweringReport(isa.name)
+    _fold_weight_upcasts(work)
     _lower_linears(work, isa, report)
     _lower_embeddings(work, report)
     work.fx_graph.eliminate_dead_code()
@@ -121,6 +123,17 @@ def load(directory) -> X86Int8Module:
 
 
 # ----------------------------------------------------------------- linears
+def _fold_weight_upcasts(graph: Graph) -> None:
+    """``_to_copy(%w_half, dtype=float32)`` of a stored weight (``half-weights``): upcast once, here."""
+    for node in list(graph.call_nodes(aten._to_copy.default)):
+        source = node.args[0]
+        if _is_param(source) and set(node.kwargs) == {"dtype"}:
+            upcast = graph.add_param(f"{source.target}_upcast", graph.param(source).to(node.kwargs["dtype"]),
+                                     before=node)
+            node.replace_all_uses_with(upcast)
+            graph.fx_graph.erase_node(node)
+
+
 def _lower_linears(graph: Graph, isa: Isa, report: LoweringReport) -> None:
     linear_act = fxopt_ops().linear_act.default
     for node in list(graph.call_nodes()):
@@ -131,12 +144,13 @@ def _lower_linears(graph: Graph, isa: Isa, report: LoweringReport) -> None:
         if parts is None:
             continue
         x, codes_spec, weight_codes, weight_scale, bias = parts
+        levels = isa.activation_levels
         codes = None
         if codes_spec is not None:
-            codes, exact = ActivationCodes.for_isa(*codes_spec, isa=isa)
+            codes, exact = ActivationCodes.for_levels(*codes_spec, levels=levels)
             if not exact:
                 report.inexact_activation_codes.append(node.name)
-        module = Int8Linear(weight_codes, weight_scale, bias, codes, activation, isa.activation_levels)
+        module = Int8Linear(weight_codes, weight_scale, bias, codes, activation, levels)
         _replace_with_module(graph, node, f"int8_{node.name}", module, x)
         report.int8_linears += 1
 
@@ -145,6 +159,8 @@ def _int8_linear_parts(graph: Graph, node: fx.Node):
     """(float input, static code spec or None, int8 weight, weight scales, bias) when ``node`` has int8 kernels."""
     act, weight = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
+    if not _is_float32(node):  # the kernels take and return float32; bf16/fp16 linears stay as they are
+        return None
     source = _quantized_source(act)
     weight_parts = _per_channel_int8_weight(graph, weight, axis=0)
     if source is None or weight_parts is None or not (bias is None or _is_param(bias)):
@@ -186,6 +202,11 @@ def _per_channel_int8_weight(graph: Graph, weight, axis: int):
     return tensor, graph.param(scales)
 
 
+def _is_float32(node: fx.Node) -> bool:
+    info = M.node_info(node)
+    return isinstance(info, M.TensorInfo) and info.dtype == torch.float32
+
+
 def _is_param(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
@@ -209,7 +230,7 @@ def _lower_embeddings(graph: Graph, report: LoweringReport) -> None:
     for node in list(graph.call_nodes(aten.embedding.default)):
         weight, ids = node.args[0], node.args[1]
         parts = _per_channel_int8_weight(graph, weight, axis=0)
-        if parts is None:
+        if parts is None or not _is_float32(node):  # Int8Embedding returns float32
             continue
         padding_idx = node.args[2] if len(node.args) > 2 else -1
         _replace_with_module(graph, node, f"int8_{node.name}", Int8Embedding(*parts, None, padding_idx), ids)
@@ -226,6 +247,8 @@ def _fuse_requantization(graph: Graph, report: LoweringReport) -> None:
         source = node.args[0]
         producer = _int8_linear(graph, source)
         if producer is None or producer.output_codes is not None or len(source.users) != 1:
+            continue
+        if producer.activation not in FUSED_ACTIVATIONS:  # applied after the GEMM: it needs float output
             continue
         producer.output_codes = consumer.input_codes
         consumer.takes_codes = True
@@ -261,5 +284,6 @@ def _warn(report: LoweringReport) -> None:
     if report.inexact_activation_codes:
         warnings.warn(f"x86-int8: this CPU ({report.isa}) has no VNNI, so its int8 GEMM saturates with 8-bit "
                       f"activations; {len(report.inexact_activation_codes)} linears use 7-bit activation codes "
-                      f"over the calibrated ranges instead (less accurate). Calibrate with qdtype='int7' to "
-                      f"make this explicit", stacklevel=3)
+                      f"over the calibrated ranges instead (less accurate). Calibrate with qdtype='int7' "
+                      f"(fxopt.optimize does on such CPUs) to make the graph say what the kernels compute",
+                      stacklevel=3)

@@ -4,6 +4,7 @@ from fxopt.passes.quantize.calibrate import activation_inputs, calibrate, quanti
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.smooth_quant import SmoothQuant, calibrate_smoothed
 from fxopt.passes.quantize.to_half import ToBFloat16, ToHalf
+from fxopt.passes.quantize.half_weights import HalfWeights
 from fxopt.passes.quantize.mixed_precision import MixedPrecision, choose_float_layers, sensitivity
 from fxopt.passes.quantize.observers import (
     OBSERVERS, QDTYPES, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, Observer, PercentileObserver,
@@ -14,6 +15,6 @@ __all__ = [
     "calibrate", "activation_inputs", "quantizable_ops", "InsertQDQ", "Observer", "MinMaxObserver",
     "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver", "OBSERVERS", "QDTYPES", "make_observer",
     "qparams_from_range", "fake_quantize", "SmoothQuant", "calibrate_smoothed",
-    "ToHalf", "ToBFloat16",
+    "ToHalf", "ToBFloat16", "HalfWeights",
     "MixedPrecision", "sensitivity", "choose_float_layers",
 ]
