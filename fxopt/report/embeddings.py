@@ -34,7 +34,9 @@ def last_hidden_state(output) -> torch.Tensor:
     """The token states: a tensor itself, the first of a graph's output tuple, or a HF model output's field."""
     if isinstance(output, torch.Tensor):
         return output
-    return output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output["last_hidden_state"]  # a ModelOutput, or a plain dict (an artifact loaded without transformers)
 
 
 def sentence_embeddings(fn: Callable, batches: Sequence[Batch]) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""MiniLM fidelity of an x86-int8 artifact on the machine that runs it (e.g. the GPU host's Xeon).
+
+    python benchmarks/x86_int8_fidelity.py build --out build/x86_fidelity      # here: optimize, save, reference
+    python benchmarks/x86_int8_fidelity.py check --dir build/x86_fidelity      # there: load, run, compare
+
+``build`` optimizes the real all-MiniLM-L6-v2 for x86-int8 (activations in full
+8-bit codes, as a VNNI/AMX CPU runs them: FXOPT_X86_ISA=avx512-vnni) on the
+first 128 of 256 real sentences, saves the artifact, and stores the other 128
+sentences' token ids and the fp32 model's pooled embeddings. ``check`` needs
+neither the model nor its weights: it loads the artifact with ``fxopt.load``
+(checksums, no pickle), lowers it for the local CPU's ISA, and reports mean
+cosine and nearest-neighbour agreement against the stored fp32 embeddings
+(issue bar: >= 0.99 and >= 0.95).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fxopt  # noqa: E402
+from fxopt.report.embeddings import embedding_agreement, sentence_embeddings  # noqa: E402
+
+BATCH, MAX_LENGTH, SENTENCES = 32, 64, 256
+
+
+def build(out: str) -> None:
+    from fxopt.data import minilm, real_sentences
+    from fxopt.report.embeddings import sentence_batches
+    model, tokenizer = minilm()
+    sentences = real_sentences(SENTENCES)
+    calibration = sentence_batches(tokenizer, sentences[:SENTENCES // 2], BATCH, MAX_LENGTH)
+    evaluation = sentence_batches(tokenizer, sentences[SENTENCES // 2:], BATCH, MAX_LENGTH)
+    optimized = fxopt.optimize(model, calibration[0], target="x86-int8", calibration_data=calibration)
+    optimized.save(os.path.join(out, "artifact"))
+    reference = sentence_embeddings(lambda ids, mask: model(input_ids=ids, attention_mask=mask), evaluation)
+    tensors = {"reference": reference.contiguous()}
+    for i, (ids, mask) in enumerate(evaluation):
+        tensors[f"ids_{i}"], tensors[f"mask_{i}"] = ids.contiguous(), mask.contiguous()
+    save_file(tensors, os.path.join(out, "evaluation.safetensors"))
+    here = embedding_agreement(reference, sentence_embeddings(optimized.graph, evaluation))
+    print(json.dumps({"graph_cosine": here[0], "graph_nn": here[1], "isa": optimized.stats["lowering"]["isa"]}))
+
+
+def check(directory: str) -> dict:
+    tensors = load_file(os.path.join(directory, "evaluation.safetensors"))
+    batches = [(tensors[f"ids_{i}"].clone(), tensors[f"mask_{i}"].clone())
+               for i in range(sum(k.startswith("ids_") for k in tensors))]
+    loaded = fxopt.load(os.path.join(directory, "artifact"))
+    cosine, nn = embedding_agreement(tensors["reference"], sentence_embeddings(loaded, batches))
+    result = {"isa": loaded.stats["lowering"]["isa"], "cosine": round(cosine, 4), "nn_agreement": round(nn, 4),
+              "sentences": sum(b[0].shape[0] for b in batches), "artifact_bytes": _bytes(directory)}
+    print(json.dumps(result))
+    return result
+
+
+def _bytes(directory: str) -> int:
+    path = os.path.join(directory, "artifact")
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("build", "check"))
+    parser.add_argument("--out", default="build/x86_fidelity")
+    parser.add_argument("--dir", default="build/x86_fidelity")
+    args = parser.parse_args(argv)
+    build(args.out) if args.mode == "build" else check(args.dir)
+
+
+if __name__ == "__main__":
+    main()
