@@ -8,30 +8,39 @@
 // dims of size 1), added to the scaled scores. causal: 0 none, 1 top-left (key j is masked for
 // query i when j > i), 2 bottom-right (when j > i + S - L).
 //
-// One block of 4 warps takes 64 queries of one (batch, head); each warp owns 16 query rows. Keys
-// and values stream through shared memory in tiles of 64; Q K^T and P V run on tensor cores (WMMA
-// 16x16x16, fp32 accumulation) and the softmax is the online (flash) form, so S is unbounded.
+// FlashAttention-2's forward pass: one block of kWarps warps takes 16 * kWarps queries of one
+// (batch, head), each warp 16 query rows. Keys and values stream through shared memory in tiles of
+// kKeys, double-buffered with cp.async (the next tile loads while this one is computed). Q K^T and
+// P V are raw mma.sync m16n8k16 (fp16 in, fp32 accumulation) on fragments read with ldmatrix; the
+// score accumulators stay in registers, where their layout is already the A operand of P V, so a
+// tile needs no shared-memory round trip and no block barrier besides the double buffer's. The
+// softmax is the online form in base 2 (scale and bias prescaled by log2 e, ex2.approx), with each
+// thread's row sums reduced across its quad only at the end, so S is unbounded.
 // A fully masked row gives zeros (torch's SDPA math does the same).
+//
+// At BERT's sizes (S = 128: two tiles a block) the kernel is latency-bound, so what counts is the
+// instructions a warp issues between loads: ldmatrix addresses are one per-lane base plus
+// compile-time offsets, the copies are unrolled with stepped pointers, the masks run only on tiles
+// that cross the end of the keys or the warp's causal diagonal, and the bias loads (two columns a
+// load where aligned, once for both rows when it is broadcast over queries) are all issued before
+// the tile's wait, with no branch between a load and its use (benchmarks/results/gpu_attention_kernel.md).
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
-#include <mma.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/reflection/registry.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
 namespace fxopt_attention {
 
-using namespace nvcuda;
 using tvm::ffi::TensorView;
 
-constexpr int kRows = 64;  // queries per block
-constexpr int kKeys = 64;  // keys per tile
-constexpr int kWarps = 4;
-constexpr int kPad = 8;  // halves of padding per shared row, against bank conflicts
+constexpr int kPad = 8;  // halves of padding per shared row: ldmatrix's 8 row addresses hit distinct banks
+constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
   const half* q;
@@ -39,187 +48,365 @@ struct Params {
   const half* v;
   const void* bias;
   half* out;
-  int bias_is_half;
-  int64_t batch, heads, len_q, len_k, dim, dim_v;
   int64_t bias_stride[4];  // elements, 0 for broadcast dims
-  float scale;
+  int bias_pairs;      // columns contiguous, every row 2-element aligned and S even: read two columns at once
+  int bias_same_rows;  // the bias is broadcast over queries
+  int batch, heads, len_q, len_k, dim, dim_v;
+  int q_blocks;  // ceil(len_q / rows per block)
+  float scale_log2;  // scale * log2(e)
   int causal;
 };
 
-__device__ int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ float BiasAt(const Params& p, int64_t b, int64_t n, int64_t i, int64_t j) {
-  int64_t at = b * p.bias_stride[0] + n * p.bias_stride[1] + i * p.bias_stride[2] + j * p.bias_stride[3];
-  return p.bias_is_half ? __half2float(static_cast<const half*>(p.bias)[at]) : static_cast<const float*>(p.bias)[at];
+// ------------------------------------------------------------------------------------------- PTX
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ bool Masked(const Params& p, int64_t i, int64_t j) {
-  if (j >= p.len_k) return true;
-  if (p.causal == 1) return j > i;
-  if (p.causal == 2) return j > i + p.len_k - p.len_q;
-  return false;
+// 16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros (rows past the end).
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CopyAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
-// rows x cols halves from a BSNH tensor (row stride heads * cols) into shared memory; zeros past `valid`.
-__device__ void LoadTile(half* dst, int ld, const half* src, int64_t row_stride, int rows, int valid, int cols) {
-  for (int idx = threadIdx.x; idx < rows * cols / 8; idx += blockDim.x) {
-    int r = idx / (cols / 8), c = (idx % (cols / 8)) * 8;
-    uint4 value = make_uint4(0, 0, 0, 0);
-    if (r < valid) value = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
-    *reinterpret_cast<uint4*>(dst + r * ld + c) = value;
+// address: a shared-window byte address (a per-thread base plus compile-time offsets, folded into the instruction)
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// c (16x8 fp32) += a (16x16 fp16, row) * b (16x8 fp16, col)
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// kCount rows x cols halves of a BSNH tensor (row stride `stride`) into shared rows of kLd; zeros past `valid`.
+// Thread x copies the 16-byte chunk x % (kDim / 8) of rows x / (kDim / 8), + kThreads / (kDim / 8), ...
+template <int kDim, int kLd, int kThreads, int kCount>
+__device__ __forceinline__ void LoadRows(half* dst, const half* src, int64_t stride, int valid, int cols) {
+  constexpr int kChunks = kDim / 8, kStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kCount % kStep == 0, "rows must split evenly over the threads");
+  const int r0 = threadIdx.x / kChunks, c = (threadIdx.x % kChunks) * 8;
+  if (c >= cols) return;
+  const half* from = src + r0 * stride + c;
+  half* to = dst + r0 * kLd + c;
+#pragma unroll
+  for (int i = 0; i < kCount / kStep; ++i) {
+    const bool ok = r0 + i * kStep < valid;
+    CopyAsync16(to + i * kStep * kLd, ok ? from + i * kStep * stride : src, ok ? 16 : 0);
   }
 }
 
-__global__ void AttentionKernel(Params p) {
+template <int kBias>
+__device__ __forceinline__ float BiasAt(const void* row, int at) {
+  if constexpr (kBias == 1) return __half2float(static_cast<const half*>(row)[at]);
+  return __ldg(static_cast<const float*>(row) + at);
+}
+
+// elements col and col + 1 of a bias row; the host checked that they are adjacent and 2-element aligned
+template <int kBias>
+__device__ __forceinline__ float2 BiasPair(const void* row, int col) {
+  if constexpr (kBias == 1) return __half22float2(*reinterpret_cast<const __half2*>(static_cast<const half*>(row) + col));
+  return __ldg(reinterpret_cast<const float2*>(static_cast<const float*>(row) + col));
+}
+
+// ---------------------------------------------------------------------------------------- kernel
+// kDim: the head sizes D and Dv rounded up (32, 64, 128, 256); steps past the real ones are skipped.
+// kBias: 0 none, 1 float16, 2 float32.
+#ifndef FXOPT_ATTENTION_MIN_BLOCKS
+#define FXOPT_ATTENTION_MIN_BLOCKS 4  // blocks per SM that head sizes up to 64 must fit: 128 registers (no spill on sm_90)
+#endif
+
+template <int kDim, int kKeys, int kWarps, int kBias>
+__global__ void __launch_bounds__(kWarps * 32, kDim <= 64 ? FXOPT_ATTENTION_MIN_BLOCKS : 1) FlashKernel(Params p) {
+  constexpr int kRows = kWarps * 16, kThreads = kWarps * 32, kLd = kDim + kPad;
+  constexpr int kKeyBlocks = kKeys / 8;  // n-blocks of 8 keys in a tile
+  constexpr int kDimBlocks = kDim / 8;   // n-blocks of 8 output columns
   extern __shared__ __align__(16) unsigned char smem[];
-  const int D = p.dim, Dv = p.dim_v, ldq = D + kPad, ldv = Dv + kPad, lds = kKeys + 4, ldo = Dv + 4;
-  half* qs = reinterpret_cast<half*>(smem);
-  half* ks = qs + kRows * ldq;
-  half* vs = ks + kKeys * ldq;
-  float* scores = reinterpret_cast<float*>(vs + kKeys * ldv);  // per warp: 16 x lds
-  half* probs = reinterpret_cast<half*>(scores + kWarps * 16 * lds);  // per warp: 16 x (kKeys + kPad)
-  float* acc = reinterpret_cast<float*>(probs + kWarps * 16 * (kKeys + kPad));  // per warp: 16 x ldo
+  half* qs = reinterpret_cast<half*>(smem);  // kRows x kLd
+  half* ks = qs + kRows * kLd;               // 2 x kKeys x kLd
+  half* vs = ks + 2 * kKeys * kLd;           // 2 x kKeys x kLd
 
-  const int64_t bh = blockIdx.y, b = bh / p.heads, n = bh % p.heads;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t q_stride = p.heads * D, v_stride = p.heads * Dv;
-  float* my_scores = scores + warp * 16 * lds;
-  half* my_probs = probs + warp * 16 * (kKeys + kPad);
-  float* my_acc = acc + warp * 16 * ldo;
-
-  LoadTile(qs, ldq, p.q + ((b * p.len_q + q0) * p.heads + n) * D, q_stride, kRows,
-           static_cast<int>(Min(kRows, p.len_q - q0)), D);
-  for (int idx = lane; idx < 16 * Dv; idx += 32) my_acc[(idx / Dv) * ldo + idx % Dv] = 0.f;
-  float row_max[16], row_sum[16];  // every lane holds every row's running max and sum
-#pragma unroll
-  for (int r = 0; r < 16; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.f;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int bh = blockIdx.x / p.q_blocks, b = bh / p.heads, n = bh % p.heads;
+  const int q0 = (blockIdx.x % p.q_blocks) * kRows;
+  const int D = p.dim, Dv = p.dim_v, L = p.len_q, S = p.len_k;
+  const int64_t qk_stride = static_cast<int64_t>(p.heads) * D, v_stride = static_cast<int64_t>(p.heads) * Dv;
+  const half* q_src = p.q + (static_cast<int64_t>(b) * L * p.heads + n) * D;
+  const half* k_src = p.k + (static_cast<int64_t>(b) * S * p.heads + n) * D;
+  const half* v_src = p.v + (static_cast<int64_t>(b) * S * p.heads + n) * Dv;
 
   // the last key any query of this block may see
-  int64_t key_end = p.len_k;
-  if (p.causal == 1) key_end = Min(key_end, q0 + kRows);
-  if (p.causal == 2) key_end = Min(key_end, q0 + kRows + p.len_k - p.len_q);
+  int key_end = S;
+  if (p.causal == 1) key_end = min(S, q0 + kRows);
+  if (p.causal == 2) key_end = min(S, q0 + kRows + S - L);
+  const int tiles = key_end > 0 ? (key_end + kKeys - 1) / kKeys : 0;
 
-  for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
-    __syncthreads();  // the previous tile is no longer read
-    int valid = static_cast<int>(Min(kKeys, p.len_k - k0));
-    LoadTile(ks, ldq, p.k + ((b * p.len_k + k0) * p.heads + n) * D, q_stride, kKeys, valid, D);
-    LoadTile(vs, ldv, p.v + ((b * p.len_k + k0) * p.heads + n) * Dv, v_stride, kKeys, valid, Dv);
+  LoadRows<kDim, kLd, kThreads, kRows>(qs, q_src + q0 * qk_stride, qk_stride, min(kRows, L - q0), D);
+  if (tiles > 0) {
+    LoadRows<kDim, kLd, kThreads, kKeys>(ks, k_src, qk_stride, min(kKeys, S), D);
+    LoadRows<kDim, kLd, kThreads, kKeys>(vs, v_src, v_stride, min(kKeys, S), Dv);
+  }
+  CopyAsyncCommit();
+
+  // ldmatrix row addresses of this lane: Q as the A operand, K as the B operand of Q K^T, V (transposed) of P V
+  const uint32_t q_frag = SharedAddress(qs + (warp * 16 + lane % 16) * kLd + (lane / 16) * 8);
+  const uint32_t k_frag = SharedAddress(ks + ((lane / 16) * 8 + lane % 8) * kLd + ((lane / 8) % 2) * 8);
+  const uint32_t v_frag = SharedAddress(vs + (((lane / 8) % 2) * 8 + lane % 8) * kLd + (lane / 16) * 8);
+
+  // this thread's two query rows: g and g + 8 of the warp's 16
+  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const int diagonal = p.causal == 2 ? S - L : 0;  // key j is masked for row i when j > i + diagonal
+  const void* bias_row[2] = {nullptr, nullptr};
+  int bias_col_stride = 0;
+  if constexpr (kBias != 0) {
+    bias_col_stride = static_cast<int>(p.bias_stride[3]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t at = b * p.bias_stride[0] + n * p.bias_stride[1] + min(row[i], L - 1) * p.bias_stride[2];
+      bias_row[i] = kBias == 1 ? static_cast<const void*>(static_cast<const half*>(p.bias) + at)
+                               : static_cast<const void*>(static_cast<const float*>(p.bias) + at);
+    }
+  }
+
+  float o[kDimBlocks][4];
+#pragma unroll
+  for (int j = 0; j < kDimBlocks; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int k0 = tile * kKeys;
+    const uint32_t buffer = (tile & 1) * kKeys * kLd * sizeof(half);
+    if (tile + 1 < tiles) {  // the other buffer was released by the barrier closing the previous tile
+      const int next = k0 + kKeys;
+      half* kn = ks + ((tile + 1) & 1) * kKeys * kLd;
+      half* vn = vs + ((tile + 1) & 1) * kKeys * kLd;
+      LoadRows<kDim, kLd, kThreads, kKeys>(kn, k_src + next * qk_stride, qk_stride, min(kKeys, S - next), D);
+      LoadRows<kDim, kLd, kThreads, kKeys>(vn, v_src + next * v_stride, v_stride, min(kKeys, S - next), Dv);
+      CopyAsyncCommit();
+    }
+
+    // the bias of this thread's scores, raw, read before waiting so that the loads all fly behind the copies
+    // (no branch between a load and its use; columns past S are clamped in bounds, and masked below)
+    float bias[kKeyBlocks][4];
+    if constexpr (kBias != 0) {
+      if (p.bias_pairs) {  // two columns a load; rows g and g + 8 share it when the bias ignores queries
+        if (p.bias_same_rows) {
+#pragma unroll
+          for (int j = 0; j < kKeyBlocks; ++j) {
+            const float2 x = BiasPair<kBias>(bias_row[0], min(k0 + j * 8 + t * 2, S - 2));
+            bias[j][0] = bias[j][2] = x.x, bias[j][1] = bias[j][3] = x.y;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < kKeyBlocks; ++j) {
+            const int col = min(k0 + j * 8 + t * 2, S - 2);
+            const float2 x = BiasPair<kBias>(bias_row[0], col), y = BiasPair<kBias>(bias_row[1], col);
+            bias[j][0] = x.x, bias[j][1] = x.y, bias[j][2] = y.x, bias[j][3] = y.y;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kKeyBlocks; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            bias[j][e] = BiasAt<kBias>(bias_row[e / 2], min(k0 + j * 8 + t * 2 + (e & 1), S - 1) * bias_col_stride);
+          }
+        }
+      }
+    }
+
+    if (tile + 1 < tiles) {
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
+    }
     __syncthreads();
 
-    // scores = Q K^T for this warp's 16 rows and the tile's 64 keys
-    for (int j = 0; j < kKeys / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
-      wmma::fill_fragment(s, 0.f);
-      for (int d = 0; d < D; d += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> bk;
-        wmma::load_matrix_sync(a, qs + warp * 16 * ldq + d, ldq);
-        wmma::load_matrix_sync(bk, ks + j * 16 * ldq + d, ldq);
-        wmma::mma_sync(s, a, bk, s);
-      }
-      wmma::store_matrix_sync(my_scores + j * 16, s, lds, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // online softmax for the warp's 16 rows at once (independent chains, so their latencies overlap):
-    // lane owns keys lane and lane + 32 of every row, so the bias loads coalesce
-    float scaled[16][2], tile_max[16], tile_sum[16];
+    // scores = Q K^T: this warp's 16 rows x the tile's kKeys keys, in registers
+    float s[kKeyBlocks][4];
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const int64_t qi = q0 + warp * 16 + r;
+    for (int j = 0; j < kKeyBlocks; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = lane + 32 * h;
-        float v = -INFINITY;
-        if (!Masked(p, qi, k0 + c)) {
-          v = my_scores[r * lds + c] * p.scale;
-          if (p.bias != nullptr && qi < p.len_q) v += BiasAt(p, b, n, qi, k0 + c);
+    for (int kk = 0; kk < kDim / 16; ++kk) {
+      if (kk * 16 < D) {
+        uint32_t a[4];
+        LdMatrixX4(a, q_frag + kk * 16 * sizeof(half));
+#pragma unroll
+        for (int j = 0; j < kKeys / 16; ++j) {
+          uint32_t bk[4];
+          LdMatrixX4(bk, k_frag + buffer + (j * 16 * kLd + kk * 16) * sizeof(half));
+          Mma(s[2 * j], a, bk[0], bk[1]);
+          Mma(s[2 * j + 1], a, bk[2], bk[3]);
         }
-        scaled[r][h] = v;
       }
-      tile_max[r] = fmaxf(scaled[r][0], scaled[r][1]);
     }
+
+    // scale and bias, in log2 units; the masks only on tiles that cross the end of the keys or this warp's diagonal
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
+    for (int j = 0; j < kKeyBlocks; ++j) {
 #pragma unroll
-      for (int r = 0; r < 16; ++r) tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], offset));
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] *= p.scale_log2;
+        if constexpr (kBias != 0) s[j][e] = fmaf(bias[j][e], kLog2e, s[j][e]);
+      }
     }
-    float factor[16];
+    if (k0 + kKeys > S || (p.causal != 0 && k0 + kKeys - 1 > q0 + warp * 16 + diagonal)) {
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      factor[r] = new_max == -INFINITY ? 1.f : __expf(row_max[r] - new_max);
-      row_max[r] = new_max;
-      tile_sum[r] = 0.f;
+      for (int j = 0; j < kKeyBlocks; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = k0 + j * 8 + t * 2 + (e & 1);
+          if (col >= S || (p.causal != 0 && col > row[e / 2] + diagonal)) s[j][e] = -INFINITY;
+        }
+      }
+    }
+    float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int j = 0; j < kKeyBlocks; ++j) {
+      tile_max[0] = fmaxf(tile_max[0], fmaxf(s[j][0], s[j][1]));
+      tile_max[1] = fmaxf(tile_max[1], fmaxf(s[j][2], s[j][3]));
+    }
+    float base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
+      base[i] = tile_max[i] == -INFINITY ? 0.f : tile_max[i];  // a row masked so far keeps zeros
+      const float factor = Exp2(row_max[i] - base[i]);
+      row_max[i] = tile_max[i];
+      row_sum[i] *= factor;
+#pragma unroll
+      for (int j = 0; j < kDimBlocks; ++j) o[j][2 * i] *= factor, o[j][2 * i + 1] *= factor;
+    }
+
+    // P = exp2(s - max) goes straight into the A fragments of P V
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      uint32_t a[4];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float e = scaled[r][h] == -INFINITY ? 0.f : __expf(scaled[r][h] - new_max);
-        tile_sum[r] += e;
-        my_probs[r * (kKeys + kPad) + lane + 32 * h] = __float2half(e);
+        const float* sj = s[2 * kk + h];
+        const float p0 = Exp2(sj[0] - base[0]), p1 = Exp2(sj[1] - base[0]);
+        const float p2 = Exp2(sj[2] - base[1]), p3 = Exp2(sj[3] - base[1]);
+        row_sum[0] += p0 + p1;
+        row_sum[1] += p2 + p3;
+        a[2 * h] = PackHalf2(p0, p1);
+        a[2 * h + 1] = PackHalf2(p2, p3);
+      }
+#pragma unroll
+      for (int nv = 0; nv < kDim / 16; ++nv) {
+        if (nv * 16 < Dv) {
+          uint32_t bv[4];
+          LdMatrixX4Trans(bv, v_frag + buffer + (kk * 16 * kLd + nv * 16) * sizeof(half));
+          Mma(o[2 * nv], a, bv[0], bv[1]);
+          Mma(o[2 * nv + 1], a, bv[2], bv[3]);
+        }
       }
     }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-#pragma unroll
-      for (int r = 0; r < 16; ++r) tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], offset);
-    }
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      row_sum[r] = row_sum[r] * factor[r] + tile_sum[r];
-      for (int c = lane; c < Dv; c += 32) my_acc[r * ldo + c] *= factor[r];
-    }
-    __syncwarp();
-
-    // acc += P V
-    for (int dv = 0; dv < Dv; dv += 16) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-      wmma::load_matrix_sync(o, my_acc + dv, ldo, wmma::mem_row_major);
-      for (int c = 0; c < kKeys; c += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, my_probs + c, kKeys + kPad);
-        wmma::load_matrix_sync(bv, vs + c * ldv + dv, ldv);
-        wmma::mma_sync(o, a, bv, o);
-      }
-      wmma::store_matrix_sync(my_acc + dv, o, ldo, wmma::mem_row_major);
-    }
-    __syncwarp();
+    __syncthreads();  // every warp is done with this tile's buffers
   }
+  CopyAsyncWait<0>();  // with no tiles, Q may still be landing in the rows written below
 
+  // normalize, stage the warp's 16 x Dv outputs in its own Q rows (only this warp read them), store 16 bytes a lane
+  half* staged = qs + warp * 16 * kLd;
 #pragma unroll
-  for (int r = 0; r < 16; ++r) {
-    const int64_t qi = q0 + warp * 16 + r;
-    if (qi >= p.len_q) continue;
-    const float inverse = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-    half* row = p.out + ((b * p.len_q + qi) * p.heads + n) * Dv;
-    for (int c = lane; c < Dv; c += 32) row[c] = __float2half(my_acc[r * ldo + c] * inverse);
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 1);
+    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 2);
+    const float inverse = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+#pragma unroll
+    for (int j = 0; j < kDimBlocks; ++j) {
+      if (j * 8 < Dv) {
+        *reinterpret_cast<uint32_t*>(staged + (g + 8 * i) * kLd + j * 8 + t * 2) =
+            PackHalf2(o[j][2 * i] * inverse, o[j][2 * i + 1] * inverse);
+      }
+    }
+  }
+  __syncwarp();
+  half* out = p.out + ((static_cast<int64_t>(b) * L + q0 + warp * 16) * p.heads + n) * Dv;
+  for (int idx = lane; idx < 16 * kDimBlocks; idx += 32) {
+    const int r = idx / kDimBlocks, c = (idx % kDimBlocks) * 8;
+    if (c < Dv && q0 + warp * 16 + r < L) {
+      *reinterpret_cast<uint4*>(out + r * v_stride + c) = *reinterpret_cast<const uint4*>(staged + r * kLd + c);
+    }
   }
 }
 
-size_t SharedBytes(int64_t dim, int64_t dim_v) {
-  size_t halves = kRows * (dim + kPad) + kKeys * (dim + kPad) + kKeys * (dim_v + kPad);
-  size_t floats = kWarps * 16 * (kKeys + 4) + kWarps * 16 * (dim_v + 4);
-  return halves * 2 + floats * 4 + kWarps * 16 * (kKeys + kPad) * 2;
+// ------------------------------------------------------------------------------------------ host
+void Check(bool ok, const char* message) {
+  if (!ok) TVM_FFI_THROW(ValueError) << "fxopt.attention: " << message;
 }
 
-// Raises the kernel's dynamic shared memory limit only when a larger head size needs it, not on every call.
-void AllowSharedBytes(size_t shared) {
-  static size_t allowed = 0;
-  if (shared <= allowed) return;
-  cudaError_t status = cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(shared));
-  if (status != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "fxopt.attention: " << cudaGetErrorString(status);
-  allowed = shared;
+void CheckCuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "fxopt.attention: " << what << ": " << cudaGetErrorString(status);
+}
+
+template <int kDim, int kKeys, int kWarps, int kBias>
+void Launch(Params p, int device_id, cudaStream_t stream) {
+  constexpr int kRows = kWarps * 16;
+  constexpr size_t kShared = static_cast<size_t>(kRows + 4 * kKeys) * (kDim + kPad) * sizeof(half);
+  auto kernel = FlashKernel<kDim, kKeys, kWarps, kBias>;
+  if constexpr (kShared > 48 * 1024) {  // raise the dynamic shared memory limit once per device
+    static std::atomic<uint64_t> allowed{0};
+    const uint64_t bit = device_id < 64 ? uint64_t{1} << device_id : 0;
+    if (bit == 0 || !(allowed.load() & bit)) {
+      CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kShared)),
+                "cudaFuncSetAttribute");
+      allowed.fetch_or(bit);
+    }
+  }
+  p.q_blocks = (p.len_q + kRows - 1) / kRows;
+  const int64_t blocks = static_cast<int64_t>(p.q_blocks) * p.batch * p.heads;
+  Check(blocks < (int64_t{1} << 31), "too many (batch, head, query block) triples");
+  kernel<<<static_cast<unsigned>(blocks), kWarps * 32, kShared, stream>>>(p);
+  CheckCuda(cudaGetLastError(), "launch failed");
+}
+
+#ifndef FXOPT_ATTENTION_WARPS
+#define FXOPT_ATTENTION_WARPS 4  // warps (16 query rows each) per block
+#endif
+
+template <int kBias>
+void Dispatch(const Params& p, int device_id, cudaStream_t stream) {
+  const int dim = p.dim > p.dim_v ? p.dim : p.dim_v;
+  constexpr int kWarps = FXOPT_ATTENTION_WARPS;
+  if (dim <= 32) return Launch<32, 64, kWarps, kBias>(p, device_id, stream);
+  if (dim <= 64) return Launch<64, 64, kWarps, kBias>(p, device_id, stream);
+  if (dim <= 128) return Launch<128, 64, kWarps, kBias>(p, device_id, stream);
+  return Launch<256, 32, kWarps, kBias>(p, device_id, stream);
 }
 
 void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
 bool IsHalf(const TensorView& t) { return t.dtype().code == kDLFloat && t.dtype().bits == 16; }
 
-void Check(bool ok, const char* message) {
-  if (!ok) TVM_FFI_THROW(ValueError) << "fxopt.attention: " << message;
-}
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 void SetBias(Params& p, const TensorView& bias) {
   Check(IsHalf(bias) || (bias.dtype().code == kDLFloat && bias.dtype().bits == 32),
@@ -234,37 +421,44 @@ void SetBias(Params& p, const TensorView& bias) {
     stride *= size;
   }
   p.bias = DataPtr(bias);
-  p.bias_is_half = IsHalf(bias);
+  const size_t element = IsHalf(bias) ? 2 : 4;
+  p.bias_same_rows = p.bias_stride[2] == 0;
+  p.bias_pairs = p.bias_stride[3] == 1 && p.len_k % 2 == 0 && p.bias_stride[0] % 2 == 0 && p.bias_stride[1] % 2 == 0 &&
+                 p.bias_stride[2] % 2 == 0 && reinterpret_cast<uintptr_t>(p.bias) % (2 * element) == 0;
 }
 
 void Attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* bias, double scale,
                int64_t causal, const TensorView& out) {
   Check(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && out.ndim() == 4, "q, k, v and out must be 4-D BSNH");
   Check(IsHalf(q) && IsHalf(k) && IsHalf(v) && IsHalf(out), "q, k, v and out must be float16");
-  Params p{};
-  p.batch = q.shape()[0], p.len_q = q.shape()[1], p.heads = q.shape()[2], p.dim = q.shape()[3];
-  p.len_k = k.shape()[1], p.dim_v = v.shape()[3];
-  Check(k.shape()[0] == p.batch && k.shape()[2] == p.heads && k.shape()[3] == p.dim, "k does not match q");
-  Check(v.shape()[0] == p.batch && v.shape()[1] == p.len_k && v.shape()[2] == p.heads, "v does not match k");
-  Check(p.dim % 16 == 0 && p.dim_v % 16 == 0 && p.dim <= 256 && p.dim_v <= 256,
+  const int64_t batch = q.shape()[0], len_q = q.shape()[1], heads = q.shape()[2], dim = q.shape()[3];
+  const int64_t len_k = k.shape()[1], dim_v = v.shape()[3];
+  Check(k.shape()[0] == batch && k.shape()[2] == heads && k.shape()[3] == dim, "k does not match q");
+  Check(v.shape()[0] == batch && v.shape()[1] == len_k && v.shape()[2] == heads, "v does not match k");
+  Check(dim % 16 == 0 && dim_v % 16 == 0 && dim <= 256 && dim_v <= 256,
         "head sizes must be multiples of 16 up to 256");
   Check(causal >= 0 && causal <= 2, "causal must be 0, 1 or 2");
+  Check(batch * len_q * heads * dim < (int64_t{1} << 40) && len_q < (int64_t{1} << 30) && len_k < (int64_t{1} << 30) &&
+            heads < (int64_t{1} << 30) && batch < (int64_t{1} << 30),
+        "tensor too large");
+  Params p{};
+  p.batch = static_cast<int>(batch), p.len_q = static_cast<int>(len_q), p.heads = static_cast<int>(heads);
+  p.dim = static_cast<int>(dim), p.len_k = static_cast<int>(len_k), p.dim_v = static_cast<int>(dim_v);
   p.q = static_cast<const half*>(DataPtr(q));
   p.k = static_cast<const half*>(DataPtr(k));
   p.v = static_cast<const half*>(DataPtr(v));
   p.out = static_cast<half*>(DataPtr(out));
-  p.scale = static_cast<float>(scale);
+  Check(Aligned16(p.q) && Aligned16(p.k) && Aligned16(p.v) && Aligned16(p.out),
+        "q, k, v and out must be 16-byte aligned");
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
   p.causal = static_cast<int>(causal);
   if (bias != nullptr) SetBias(p, *bias);
-  if (p.len_q == 0 || p.batch * p.heads == 0) return;
-  size_t shared = SharedBytes(p.dim, p.dim_v);
-  AllowSharedBytes(shared);
-  int device_id = q.device().device_id;
+  if (len_q == 0 || batch * heads == 0) return;
+  const int device_id = q.device().device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
-  dim3 grid(static_cast<unsigned>((p.len_q + kRows - 1) / kRows), static_cast<unsigned>(p.batch * p.heads));
-  AttentionKernel<<<grid, kWarps * 32, shared, stream>>>(p);
-  cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "fxopt.attention: launch failed: " << cudaGetErrorString(status);
+  if (bias == nullptr) return Dispatch<0>(p, device_id, stream);
+  if (IsHalf(*bias)) return Dispatch<1>(p, device_id, stream);
+  return Dispatch<2>(p, device_id, stream);
 }
 
 TVM_FFI_STATIC_INIT_BLOCK() {
