@@ -111,6 +111,9 @@ class LastHiddenState(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # A fresh Module is in training mode, and the TorchScript exporter restores the wrapper's mode when it
+        # finishes, which would switch the wrapped model's dropout on; keep the wrapper in the model's mode.
+        self.train(model.training)
 
     def forward(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
