@@ -47,13 +47,13 @@ def build(out: str) -> None:
     print(json.dumps({"graph_cosine": here[0], "graph_nn": here[1], "isa": optimized.stats["lowering"]["isa"]}))
 
 
-def check(directory: str) -> dict:
+def check(directory: str, allow_torch_mismatch: bool = False) -> dict:
     tensors = load_file(os.path.join(directory, "evaluation.safetensors"))
     batches = [(tensors[f"ids_{i}"].clone(), tensors[f"mask_{i}"].clone())
                for i in range(sum(k.startswith("ids_") for k in tensors))]
-    loaded = fxopt.load(os.path.join(directory, "artifact"))
+    loaded = fxopt.load(os.path.join(directory, "artifact"), allow_torch_mismatch=allow_torch_mismatch)
     cosine, nn = embedding_agreement(tensors["reference"], sentence_embeddings(loaded, batches))
-    result = {"isa": loaded.stats["lowering"]["isa"], "cosine": round(cosine, 4), "nn_agreement": round(nn, 4),
+    result = {"isa": loaded.stats["lowering"]["isa"], "torch": torch.__version__, "cosine": round(cosine, 4), "nn_agreement": round(nn, 4),
               "sentences": sum(b[0].shape[0] for b in batches), "artifact_bytes": _bytes(directory)}
     print(json.dumps(result))
     return result
@@ -69,8 +69,10 @@ def main(argv=None) -> None:
     parser.add_argument("mode", choices=("build", "check"))
     parser.add_argument("--out", default="build/x86_fidelity")
     parser.add_argument("--dir", default="build/x86_fidelity")
+    parser.add_argument("--allow-torch-mismatch", action="store_true",
+                        help="check: load an artifact saved under another torch major.minor (with a warning)")
     args = parser.parse_args(argv)
-    build(args.out) if args.mode == "build" else check(args.dir)
+    build(args.out) if args.mode == "build" else check(args.dir, args.allow_torch_mismatch)
 
 
 if __name__ == "__main__":

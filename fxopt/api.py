@@ -109,10 +109,13 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: 
     return quantized, f"{insert.spec()},{HalfWeights().spec()}"
 
 
-def load(directory: Union[str, Path]) -> OptimizedModel:
-    """Load an artifact written by :meth:`OptimizedModel.save`: checksums and versions are verified first."""
+def load(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> OptimizedModel:
+    """Load an artifact written by :meth:`OptimizedModel.save`: checksums and versions are verified first.
+
+    ``allow_torch_mismatch=True`` accepts an artifact saved under another torch major.minor, with a warning.
+    """
     from fxopt.backends.artifact import load_artifact
-    graph, manifest = load_artifact(directory)
+    graph, manifest = load_artifact(directory, allow_torch_mismatch)
     target = manifest.get("target")
     pipeline = (manifest.get("extra") or {}).get("pipeline", "")
     if target == "eager":

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -224,10 +225,14 @@ def _move_into_place(tmp: Path, directory: Path) -> None:
 
 
 # ===================================================================== load
-def load_artifact(directory: Union[str, Path]) -> Tuple[Graph, dict]:
-    """Check and load an artifact: returns the Graph (weights on CPU) and the manifest."""
+def load_artifact(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> Tuple[Graph, dict]:
+    """Check and load an artifact: returns the Graph (weights on CPU) and the manifest.
+
+    ``allow_torch_mismatch=True`` loads an artifact saved under another torch major.minor with a warning
+    instead of an ArtifactError (the ops it names must still exist in this torch).
+    """
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, allow_torch_mismatch)
     for name, record in manifest["files"].items():
         _verify_file(directory, name, record)
     graph_data = _read_json(directory / GRAPH_FILE)
@@ -235,14 +240,14 @@ def load_artifact(directory: Union[str, Path]) -> Tuple[Graph, dict]:
     return graph_from_json(graph_data, params), manifest
 
 
-def read_manifest(directory: Union[str, Path]) -> dict:
+def read_manifest(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> dict:
     """The manifest, after checking its format and that it was written by this fxopt/torch major.minor."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {directory} is not an fxopt artifact (or an interrupted copy of "
                             "one), save it again with fxopt.backends.artifact.save_artifact")
     manifest = _read_json(path)
-    _check_manifest(path, manifest)
+    _check_manifest(path, manifest, allow_torch_mismatch)
     return manifest
 
 
@@ -256,17 +261,21 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_manifest(path: Path, manifest: dict) -> None:
+def _check_manifest(path: Path, manifest: dict, allow_torch_mismatch: bool = False) -> None:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r}, this fxopt reads "
                             f"{FORMAT_VERSION}; save the artifact again with this fxopt")
     for package, current in (("fxopt", _fxopt_version()), ("torch", torch.__version__)):
         saved = str(manifest.get(f"{package}_version"))
-        if _major_minor(saved) != _major_minor(current):
-            raise ArtifactError(
-                f"{path}: saved with {package} {saved}, this is {package} {current}; major.minor versions must "
-                f"match: install {package}=={_major_minor(saved)}.* or save the artifact again with this version"
-            )
+        if _major_minor(saved) == _major_minor(current):
+            continue
+        problem = f"{path}: saved with {package} {saved}, this is {package} {current}"
+        if package == "torch" and allow_torch_mismatch:
+            warnings.warn(f"{problem}; loading anyway (allow_torch_mismatch=True)", stacklevel=4)
+            continue
+        raise ArtifactError(f"{problem}; major.minor versions must match: install {package}=="
+                            f"{_major_minor(saved)}.* or save the artifact again with this version"
+                            + (" (or load with allow_torch_mismatch=True)" if package == "torch" else ""))
     files = manifest.get("files")
     if not isinstance(files, dict) or any(name not in files for name in (GRAPH_FILE, WEIGHTS_FILE)):
         raise ArtifactError(f"{path}: does not list {GRAPH_FILE} and {WEIGHTS_FILE}; the manifest is corrupted")

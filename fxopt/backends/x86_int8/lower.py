@@ -111,11 +111,11 @@ def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True) -> X86Int8
     return X86Int8Module(graph, work.module, isa, report)
 
 
-def load(directory) -> X86Int8Module:
+def load(directory, allow_torch_mismatch: bool = False) -> X86Int8Module:
     """Load an ``x86-int8`` artifact saved by :meth:`X86Int8Module.save` and lower it for this CPU."""
     from fxopt.backends.artifact import load_artifact
     from fxopt.errors import ArtifactError
-    graph, manifest = load_artifact(directory)
+    graph, manifest = load_artifact(directory, allow_torch_mismatch)
     if manifest.get("target") != TARGET:
         raise ArtifactError(f"{directory}: the artifact's target is {manifest.get('target')!r}, not {TARGET!r}; "
                             f"load it with the backend for its target")
