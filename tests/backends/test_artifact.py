@@ -352,3 +352,13 @@ def test_a_directory_that_is_not_an_artifact_is_never_replaced(tmp_path):
     with pytest.raises(ArtifactError, match="is not an fxopt artifact; save to a new or empty directory"):
         save_artifact(graph, tmp_path, target="eager")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_torch_version_mismatch_can_be_accepted_explicitly(saved):
+    rewrite_manifest(saved, lambda m: m.update({"torch_version": "1.0.0"}))
+    with pytest.warns(UserWarning, match=r"saved with torch 1\.0\.0.*allow_torch_mismatch=True"):
+        graph, manifest = load_artifact(saved, allow_torch_mismatch=True)
+    assert manifest["torch_version"] == "1.0.0" and len(graph) > 0
+    rewrite_manifest(saved, lambda m: m.update({"fxopt_version": "0.0.1"}))
+    with pytest.raises(ArtifactError, match="saved with fxopt 0.0.1"):  # only torch's check can be waived
+        load_artifact(saved, allow_torch_mismatch=True)
