@@ -636,3 +636,35 @@ def test_minilm_static_int8_on_x86_kernels():
     eager = embeddings(quantized, evaluation)
     assert F.cosine_similarity(eager, int8).mean().item() >= 0.998
     assert abs(cosine - F.cosine_similarity(reference, eager).mean().item()) <= 0.002
+
+
+class PostNormBlock(nn.Module):
+    """BERT's post-LN shape: the LayerNorm output feeds a linear and the residual, so smooth-quant inserts a mul."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return h + self.down(F.relu(self.up(h)))
+
+
+def test_smooth_quant_multiplier_is_applied_while_quantizing():
+    from fxopt.passes.quantize import calibrate_smoothed
+    gen = torch.Generator().manual_seed(0)
+    model = PostNormBlock().eval()
+    batches = [(torch.randn(4, 16, 32, generator=gen) * torch.linspace(0.1, 8, 32),) for _ in range(3)]
+    qdtype = "int8" if detect_isa().exact_8bit else "int7"
+    smoothed = calibrate_smoothed(fxopt.capture(model, batches[0]), batches, 0.8, progress=False, qdtype=qdtype)
+    quantized = fxopt.Pipeline("insert-qdq{scheme=static}")(smoothed).graph
+    assert count(quantized, torch.ops.aten.mul.Tensor) >= 1
+    lowered = x86_int8.lower(quantized)
+    assert lowered.report.fused_multipliers >= 1
+    multiplies = [n for n in lowered.module.graph.nodes if n.target == torch.ops.aten.mul.Tensor]
+    assert not multiplies  # applied while quantizing, no separate multiply left
+    expected, actual = quantized.run(*batches[0]), lowered(*batches[0])
+    assert relative_error(actual, expected) < 1e-3
+

@@ -84,9 +84,23 @@ def dynamic_codes(x: torch.Tensor, levels: int) -> ActivationCodes:
     return ActivationCodes.from_range(lo.item(), hi.item(), levels)
 
 
+def quantize_u8_per_channel(x: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                            bound: Optional[torch.Tensor]) -> torch.Tensor:
+    """uint8 codes of ``x`` with a scale per last-dim channel; ``bound`` clamps the float side (7-bit codes)."""
+    if bound is not None:
+        x = torch.minimum(x, bound)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated")
+        q = torch.quantize_per_channel(x.contiguous(), scales, zero_points, x.dim() - 1, torch.quint8)
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), 0, q.shape, q.stride())
+
+
 class Int8Linear(torch.nn.Module):
     """``activation(x @ dequant(w).T + bias)`` on int8 codes with int32 accumulation.
 
+    ``input_multiplier`` (a vector over input channels, e.g. smooth-quant's ``1/s``)
+    is applied while quantizing: the codes are those of ``x * multiplier``, in one
+    per-channel quantize instead of a multiply and a quantize.
     ``input_codes=None`` quantizes each call's input from its own range (dynamic).
     ``takes_codes`` means the input already is uint8 codes (the previous layer
     requantized into them). ``output_codes`` makes the output uint8 codes
@@ -109,11 +123,27 @@ class Int8Linear(torch.nn.Module):
         self.isa_levels = isa_levels
         self.takes_codes = False
         self.output_codes: Optional[ActivationCodes] = None
+        self.input_multiplier = None
+
+    def multiply_input(self, multiplier: torch.Tensor) -> None:
+        """Quantize ``x * multiplier`` (static codes only): codes = round(x / (scale / m_k)) + zero_point."""
+        codes = self.input_codes
+        scales = (codes.scale / multiplier.detach().double()).contiguous()
+        self.input_multiplier = multiplier.detach().float()
+        self.register_buffer("channel_scales", scales)
+        self.register_buffer("channel_zero_points", torch.full_like(scales, codes.zero_point, dtype=torch.int64))
+        bound = ((codes.levels - codes.zero_point + 0.49) * scales).float() if codes.levels < 255 else None
+        self.register_buffer("channel_bound", bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         codes = self.input_codes if self.input_codes is not None else dynamic_codes(x, self.isa_levels)
-        q = x if self.takes_codes else quantize_u8(x, codes)
+        if self.takes_codes:
+            q = x
+        elif self.input_multiplier is not None:
+            q = quantize_u8_per_channel(x, self.channel_scales, self.channel_zero_points, self.channel_bound)
+        else:
+            q = quantize_u8(x, codes)
         y = self._gemm(q.reshape(-1, self.in_features), codes)
         return y.reshape(*lead, self.out_features)
 
@@ -132,6 +162,7 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         source = "codes" if self.takes_codes else ("dynamic" if self.input_codes is None else "float")
+        source += " x per-channel multiplier" if self.input_multiplier is not None else ""
         output = "codes" if self.output_codes else "float32"
         return (f"in={self.in_features}, out={self.out_features}, input={source}, output={output}, "
                 f"activation={self.activation}, bias={self.bias is not None}")

@@ -61,12 +61,13 @@ class LoweringReport:
     int8_linears: int = 0
     int8_embeddings: int = 0
     fused_requantizations: int = 0
+    fused_multipliers: int = 0
     inexact_activation_codes: List[str] = field(default_factory=list)
     float_fallbacks: Dict[str, List[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"isa": self.isa, "int8_linears": self.int8_linears, "int8_embeddings": self.int8_embeddings,
-                "fused_requantizations": self.fused_requantizations,
+                "fused_requantizations": self.fused_requantizations, "fused_multipliers": self.fused_multipliers,
                 "inexact_activation_codes": len(self.inexact_activation_codes),
                 "float_fallbacks": {op: len(nodes) for op, nodes in self.float_fallbacks.items()}}
 
@@ -151,6 +152,11 @@ def _lower_linears(graph: Graph, isa: Isa, report: LoweringReport) -> None:
             if not exact:
                 report.inexact_activation_codes.append(node.name)
         module = Int8Linear(weight_codes, weight_scale, bias, codes, activation, levels)
+        multiplied = _channel_multiplier(graph, x, module.in_features) if codes is not None else None
+        if multiplied is not None:
+            x, multiplier = multiplied
+            module.multiply_input(multiplier)
+            report.fused_multipliers += 1
         _replace_with_module(graph, node, f"int8_{node.name}", module, x)
         report.int8_linears += 1
 
@@ -167,6 +173,24 @@ def _int8_linear_parts(graph: Graph, node: fx.Node):
         return None
     x, codes_spec = source
     return x, codes_spec, *weight_parts, (graph.param(bias) if bias is not None else None)
+
+
+def _channel_multiplier(graph: Graph, x: fx.Node, channels: int) -> Optional[Tuple[fx.Node, torch.Tensor]]:
+    """For ``x = mul(a, m)`` with a stored per-channel ``m`` that only quantizes read: ``(a, m)``.
+
+    That is smooth-quant's ``x / s`` where it could not be folded into a LayerNorm
+    (the residual reads the LayerNorm too); the kernel applies it while quantizing.
+    """
+    if not (x.op == "call_function" and x.target == aten.mul.Tensor and len(x.args) == 2 and not x.kwargs):
+        return None
+    a, m = x.args
+    quantizes = {targets[0] for targets in _q_targets().values()}
+    if not (isinstance(a, fx.Node) and _is_param(m) and all(u.target in quantizes for u in x.users)):
+        return None
+    multiplier = graph.param(m)
+    if multiplier.dim() != 1 or multiplier.numel() != channels or not _is_float32(a):
+        return None
+    return a, multiplier
 
 
 def _quantized_source(act) -> Optional[Tuple[fx.Node, Optional[tuple]]]:
@@ -242,7 +266,7 @@ def _fuse_requantization(graph: Graph, report: LoweringReport) -> None:
     """``int8_linear -> int8_linear`` with nothing in between: the first one emits the second one's codes."""
     for node in graph.fx_graph.nodes:
         consumer = _int8_linear(graph, node)
-        if consumer is None or consumer.input_codes is None:
+        if consumer is None or consumer.input_codes is None or consumer.input_multiplier is not None:
             continue
         source = node.args[0]
         producer = _int8_linear(graph, source)
