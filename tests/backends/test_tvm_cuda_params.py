@@ -146,11 +146,15 @@ ARTIFACTS = os.environ.get("FXOPT_TVM_CUDA_ARTIFACTS")
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ARTIFACTS, reason="set FXOPT_TVM_CUDA_ARTIFACTS: a gpu_bert.py --build DIR --models bert-tiny")
-def test_runtime_only_library_on_gpu_matches_eager_and_replays_cuda_graphs():
+# the dlight build, and the cuBLASLt + fused-attention build (gpu_bert.py --variants "cleanup,fuse-attention+cublaslt")
+@pytest.mark.parametrize("library", ["bert-tiny.so", "bert-tiny-cleanup-fuse-attention-cublaslt.so"])
+def test_runtime_only_library_on_gpu_matches_eager_and_replays_cuda_graphs(library):
     from benchmarks.gpu_bert import bert_tiny
 
+    if not os.path.exists(os.path.join(ARTIFACTS, library)):
+        pytest.skip(f"{library} is not in {ARTIFACTS}")
     model, (input_ids, mask) = bert_tiny()
-    lib = runtime.load(os.path.join(ARTIFACTS, "bert-tiny.so"), device="cuda")
+    lib = runtime.load(os.path.join(ARTIFACTS, library), device="cuda")
     assert lib.crc_mismatches(model.state_dict()) == []
     lib.set_params(model.state_dict())
     model = model.cuda()

@@ -179,7 +179,7 @@ def _channel_multiplier(graph: Graph, x: fx.Node, channels: int) -> Optional[Tup
     """For ``x = mul(a, m)`` with a stored per-channel ``m`` that only quantizes read: ``(a, m)``.
 
     That is smooth-quant's ``x / s`` where it could not be folded into a LayerNorm
-    (the residual reads the LayerNorm too); the kernel applies it while quantizing.
+    (the residual reads the LayerNorm too); the int8 linear multiplies before quantizing.
     """
     if not (x.op == "call_function" and x.target == aten.mul.Tensor and len(x.args) == 2 and not x.kwargs):
         return None
