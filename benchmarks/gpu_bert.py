@@ -203,7 +203,7 @@ class Bench:
 
 
 def run(lib_dir: str, out_dir: str, device: str, models: Optional[List[str]], systems: List[str],
-        deadline_s: float, profile: bool, warmup_ms: int, rep_ms: int) -> dict:
+        deadline_s: float, profile: bool, warmup_ms: int, rep_ms: int, profile_all: bool = False) -> dict:
     build_meta = json.load(open(os.path.join(lib_dir, "build.json")))
     bench = Bench(device, out_dir, deadline_s, warmup_ms, rep_ms)
     bench.results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "env": environment(device),
@@ -218,7 +218,7 @@ def run(lib_dir: str, out_dir: str, device: str, models: Optional[List[str]], sy
             continue
         started = bench.elapsed()
         try:
-            run_model(bench, lib_dir, name, systems, profile and i == 0)
+            run_model(bench, lib_dir, name, systems, profile and (i == 0 or profile_all))
         except Exception as exc:  # keep the other models' numbers
             import traceback
 
@@ -513,6 +513,7 @@ def main(argv=None) -> None:
     parser.add_argument("--systems", default="fxopt,eager32,eager16,compile,reduce-overhead")
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds; later work is skipped after it")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-all", action="store_true", help="profile the kernels of every model, not the first")
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=500)
     args = parser.parse_args(argv)
@@ -523,7 +524,7 @@ def main(argv=None) -> None:
               [v for v in args.variants.split(";") if v])
     else:
         run(args.run, args.out, args.device, models, args.systems.split(","), args.deadline, not args.no_profile,
-            args.warmup_ms, args.rep_ms)
+            args.warmup_ms, args.rep_ms, args.profile_all)
 
 
 if __name__ == "__main__":

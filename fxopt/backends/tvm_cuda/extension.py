@@ -1,16 +1,18 @@
-"""fxopt's CUDA extension: vendor GEMMs (cuBLASLt) and a fused attention kernel, called from TVM Relax.
+"""fxopt's CUDA extension: vendor GEMMs (cuBLASLt), fused attention, LayerNorm and GELU kernels, called from TVM Relax.
 
 TVM 0.27's PyPI wheel has no cuBLAS, CUTLASS or FlashInfer code generation,
 and dlight's WMMA schedules reach 28-56 TFLOP/s on BERT's GEMMs where cuBLAS
 reaches ~470 (``benchmarks/results/gpu_gemm.md``). So ``build(graph,
 matmul="cublaslt")`` calls, through ``R.call_dps_packed``, TVM-FFI functions
-that this module compiles from two sources beside it:
+that this module compiles from three sources beside it:
 
 - ``cublaslt_gemm.cc``: ``fxopt.cublaslt.matmul[_bias]``, cuBLASLt on TVM's
   current stream (so the VM's CUDA graphs capture it), the fastest of
   cuBLASLt's candidates timed once per shape;
 - ``attention.cu``: ``fxopt.attention[_bias]``, softmax(Q Kᵀ·scale + bias) V
-  in one tensor-core kernel.
+  in one tensor-core kernel;
+- ``norm_act.cu``: ``fxopt.layer_norm``, ``fxopt.add_layer_norm[_sum]`` (residual add + LayerNorm in
+  one pass, fp32 statistics, optionally writing the sum for pre-LN models) and ``fxopt.gelu[_tanh]``.
 
 :func:`extension_path` compiles them with nvcc once, cached by a hash of the
 sources; the exported library lists the extension in its manifest, and
@@ -34,7 +36,7 @@ from typing import List
 from fxopt.errors import ArtifactError, LoweringError
 
 HERE = os.path.dirname(__file__)
-SOURCES = [os.path.join(HERE, "cublaslt_gemm.cc"), os.path.join(HERE, "attention.cu")]
+SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu")]
 EXTENSION_NAME = "libfxopt_cuda_ext.so"
 CUBLASLT_SONAME = "libcublasLt.so.13"
 #: SASS for Ampere and Hopper, plus PTX that newer GPUs compile at load time

@@ -342,8 +342,10 @@ def prepare(
 ):
     """The Relax module :func:`build` compiles, before any target-specific pass, and the weights it takes.
 
-    ``fused_attention`` (fp16 only) hands attention to fxopt's kernel and
-    16-bit GEMMs to cuBLASLt (:mod:`fxopt.backends.tvm_cuda.offload`).
+    ``fused_attention`` (fp16 only) hands attention to fxopt's kernel,
+    16-bit GEMMs to cuBLASLt, and residual add + LayerNorm and GELU to fxopt's
+    kernels (:mod:`fxopt.backends.tvm_cuda.offload`): all after ToMixedPrecision
+    but attention, before LiftTransformParams.
 
     Returns ``(mod, weights)``: ``weights`` lists ``(state_dict key, tensor)``
     in the order ``main_transform_params`` takes them (empty when the weights
@@ -362,7 +364,8 @@ def prepare(
         mod = offload_attention(mod)
     mod = to_mixed_precision(mod, dtype)
     if use_extension:
-        mod = offload(mod)  # before LiftTransformParams, so the bias casts it adds run once, at load time
+        # GEMMs, then LN/GELU; before LiftTransformParams, so the bias casts it adds run once, at load time
+        mod = offload(mod)
     if keep_params_as_input:
         # After ToMixedPrecision, so the fp32->fp16 casts (and weight transposes) are lifted into
         # main_transform_params and run once at load time, not on every call.
