@@ -1,0 +1,140 @@
+"""The ``fxopt`` command line.
+
+    fxopt optimize MODULE:FACTORY --target x86-int8 [--preset P | --passes SPEC] [--tolerance T] --out DIR
+    fxopt run DIR --inputs inputs.safetensors [--outputs outputs.safetensors]
+    fxopt passes
+
+``MODULE:FACTORY`` names a function (importable from the current directory)
+that returns ``(model, example_inputs)``, or ``(model, example_inputs,
+calibration_data)`` where calibration data is a list of input tuples. ``run``
+reads the inputs from a safetensors file, by the graph's input names (or
+``input_0``, ``input_1``, ... in order), and writes the output tensors to one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+from fxopt.errors import FxoptError, InputError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except FxoptError as exc:
+        print(f"fxopt {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fxopt.api import PRESETS, TARGETS
+    parser = argparse.ArgumentParser(prog="fxopt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    opt = commands.add_parser("optimize", help="optimize a model and save the artifact")
+    opt.add_argument("factory", metavar="MODULE:FACTORY")
+    opt.add_argument("--target", default="eager", choices=TARGETS)
+    opt.add_argument("--preset", choices=sorted(PRESETS))
+    opt.add_argument("--passes", help="a pipeline spec, e.g. 'cleanup,fuse-epilogue'")
+    opt.add_argument("--tolerance", type=float, help="x86-int8: keep layers in float until the error is within it")
+    opt.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
+    opt.set_defaults(handler=_optimize)
+    run = commands.add_parser("run", help="run a saved artifact on inputs from a safetensors file")
+    run.add_argument("artifact")
+    run.add_argument("--inputs", required=True)
+    run.add_argument("--outputs", help="safetensors file for the outputs (default: print their shapes only)")
+    run.set_defaults(handler=_run)
+    passes = commands.add_parser("passes", help="list the registered passes, their options and the presets")
+    passes.set_defaults(handler=_passes)
+    return parser
+
+
+def _optimize(args) -> int:
+    import fxopt
+    made = _call_factory(args.factory)
+    model, example = made[0], tuple(made[1])
+    calibration = made[2] if len(made) > 2 else None
+    optimized = fxopt.optimize(model, example, target=args.target, preset=args.preset, passes=args.passes,
+                               calibration_data=calibration, tolerance=args.tolerance)
+    path = optimized.save(args.out)
+    report = optimized.report()
+    print(f"saved {path} (target {args.target}): {report['params']:,} weights, "
+          f"{report['size_bytes'] / 1e6:.2f} MB (was {report['original_size_bytes'] / 1e6:.2f} MB); "
+          f"pipeline {optimized.pipeline}")
+    return 0
+
+
+def _call_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"factory {spec!r} is not MODULE:FACTORY (e.g. mymodels:make_bert)")
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"factory {spec!r} cannot be loaded: {exc}; check the module is importable from "
+                         f"{os.getcwd()} and defines {attr}") from exc
+    made = factory()
+    if not (isinstance(made, (tuple, list)) and len(made) in (2, 3) and isinstance(made[0], torch.nn.Module)):
+        raise InputError(f"factory {spec!r} must return (model, example_inputs) or "
+                         f"(model, example_inputs, calibration_data); it returned {type(made).__name__}")
+    return made
+
+
+def _run(args) -> int:
+    import fxopt
+    from safetensors.torch import load_file, save_file
+    loaded = fxopt.load(args.artifact)
+    tensors = load_file(args.inputs)
+    inputs = _ordered_inputs(loaded.graph, tensors, args.inputs)
+    outputs = _flat_outputs(loaded(*inputs))
+    for name, value in outputs.items():
+        print(f"{name}: {str(value.dtype).replace('torch.', '')}{list(value.shape)}")
+    if args.outputs:
+        save_file({k: v.contiguous() for k, v in outputs.items()}, args.outputs)
+    return 0
+
+
+def _ordered_inputs(graph, tensors: dict, path: str) -> List[torch.Tensor]:
+    names = [spec.name for spec in graph.input_specs]
+    for i, name in enumerate(names):
+        if name not in tensors and f"input_{i}" in tensors:
+            tensors[name] = tensors[f"input_{i}"]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise InputError(f"{path}: no tensor named {', '.join(missing)}; the artifact takes "
+                         f"{', '.join(f'{s.name} {s.describe()}' for s in graph.input_specs)} "
+                         f"(or name them input_0, input_1, ...)")
+    return [tensors[n].clone() for n in names]  # clone: safetensors hands back unaligned memory
+
+
+def _flat_outputs(output) -> dict:
+    from torch.utils._pytree import tree_flatten_with_path, keystr
+    leaves, _ = tree_flatten_with_path(output)
+    return {keystr(path).strip("[]'.") or "output": value for path, value in leaves if torch.is_tensor(value)}
+
+
+def _passes(args) -> int:
+    from fxopt.passes import registered_passes, registered_presets
+    for name, cls in registered_passes().items():
+        options = ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in dataclasses.fields(cls)
+                            if f.default is not dataclasses.MISSING)
+        print(f"{name:32s} {getattr(cls, 'summary', '')}")
+        if options:
+            print(f"{'':32s}   options: {options}")
+    print("\npresets:")
+    for name, spec in registered_presets().items():
+        print(f"  {name:30s} {spec}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
