@@ -43,29 +43,41 @@ def math_reference(q, k, v, bias, scale: float, causal: int) -> torch.Tensor:
     return (weights @ v).transpose(1, 2)
 
 
-def build_attention_only(folder: str, defines) -> str:
-    """nvcc attention.cu alone into folder/libfxopt_attention.so, with extension.py's flags; ptxas report kept."""
+def build_kernel_only(source: str, folder: str, name: str, extra_flags=()) -> str:
+    """nvcc one of the extension's .cu files alone into folder/name, with extension.py's flags (no cuBLASLt)."""
     import tvm_ffi
 
     from fxopt.backends.tvm_cuda import extension
 
     ffi_root = os.path.dirname(tvm_ffi.__file__)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "libfxopt_attention.so")
-    command = ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", *extension.GENCODE,
-               "-Xptxas", "-v", *[f"-D{d}" for d in defines], os.path.join(extension.HERE, "attention.cu"),
-               "-o", path, f"-I{os.path.join(ffi_root, 'include')}", f"-L{os.path.join(ffi_root, 'lib')}",
-               "-lcudart", "-ltvm_ffi"]
+    path = os.path.join(folder, name)
+    command = ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", *extension.GENCODE, *extra_flags,
+               os.path.join(extension.HERE, source), "-o", path, f"-I{os.path.join(ffi_root, 'include')}",
+               f"-L{os.path.join(ffi_root, 'lib')}", "-lcudart", "-ltvm_ffi"]
     done = subprocess.run(command, capture_output=True, text=True)
-    with open(os.path.join(folder, "ptxas.txt"), "w") as f:
+    with open(os.path.join(folder, "ptxas.txt"), "w") as f:  # nvcc output (the -Xptxas -v report, if asked)
         f.write(done.stdout + done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"nvcc failed:\n{done.stderr[-4000:]}")
     return path
 
 
-def kernel_time_us(fn, names, iters: int = 50) -> float:
-    """Mean GPU time per call of the kernels whose names contain any of `names` (torch.profiler / CUPTI)."""
+def build_attention_only(folder: str, defines) -> str:
+    """attention.cu alone into folder/libfxopt_attention.so; the ptxas report (-Xptxas -v) is kept beside it."""
+    return build_kernel_only("attention.cu", folder, "libfxopt_attention.so",
+                             ["-Xptxas", "-v", *[f"-D{d}" for d in defines]])
+
+
+def write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def kernel_time_us(fn, names=None, iters: int = 50) -> float:
+    """Mean GPU time per call of the kernels whose names contain any of `names`, or of all kernels when None
+    (torch.profiler / CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(5):
@@ -77,7 +89,7 @@ def kernel_time_us(fn, names, iters: int = 50) -> float:
         torch.cuda.synchronize()
     total = 0.0
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and any(n in event.name for n in names):
+        if event.device_type == torch.autograd.DeviceType.CUDA and (names is None or any(n in event.name for n in names)):
             total += event.device_time  # us
     return total / iters
 
@@ -228,9 +240,7 @@ def main() -> None:
     if not args.no_timings:
         report["timings"] = run_timings(plain, biased, args.quick)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -25,25 +23,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.gpu_attention import build_kernel_only, kernel_time_us, write_json  # noqa: E402
+
 TOL = 2e-3
 
 
 def build_norm_act_only(folder: str) -> str:
-    """nvcc norm_act.cu alone into folder/libfxopt_norm_act.so, with extension.py's flags."""
-    import tvm_ffi
-
-    from fxopt.backends.tvm_cuda import extension
-
-    ffi_root = os.path.dirname(tvm_ffi.__file__)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "libfxopt_norm_act.so")
-    command = ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", *extension.GENCODE,
-               os.path.join(extension.HERE, "norm_act.cu"), "-o", path, f"-I{os.path.join(ffi_root, 'include')}",
-               f"-L{os.path.join(ffi_root, 'lib')}", "-lcudart", "-ltvm_ffi"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"nvcc failed:\n{done.stderr[-4000:]}")
-    return path
+    """norm_act.cu alone into folder/libfxopt_norm_act.so, with extension.py's flags."""
+    return build_kernel_only("norm_act.cu", folder, "libfxopt_norm_act.so")
 
 
 def relative_max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -123,21 +110,6 @@ def run_gelu_checks(functions) -> list:
     return results
 
 
-def kernel_time_us(fn, iters: int = 50) -> float:
-    """GPU time per call of all kernels fn launches (torch.profiler / CUPTI)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return total / iters
-
-
 def run_timings(functions) -> list:
     import triton.testing
 
@@ -197,9 +169,7 @@ def main() -> None:
     if not args.no_timings:
         report["timings"] = run_timings(functions)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

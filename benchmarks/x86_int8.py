@@ -189,7 +189,6 @@ class OrtRunner:
 
         fp32, int8 = os.path.join(tmp, f"{name}.onnx"), os.path.join(tmp, f"{name}_int8.onnx")
         export_onnx(model, example, fp32)
-        restore_eval(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_dynamic(fp32, int8, per_channel=True, weight_type=QuantType.QInt8)
@@ -204,13 +203,6 @@ class OrtRunner:
 
     def __call__(self, input_ids, attention_mask):
         return self.session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
-
-
-def restore_eval(model: torch.nn.Module) -> None:
-    """A guard: the TorchScript exporter restores the exported wrapper's training mode on the way out, which
-    once left the wrapped model in training mode (dropout on; ``LastHiddenState`` now keeps the model's mode).
-    Put it back in eval mode after every export anyway."""
-    model.eval()
 
 
 def latency_rows(candidates: Dict[str, Callable], sizes: Dict[str, Optional[int]], notes: Dict[str, str],
@@ -313,7 +305,6 @@ def minilm_fidelity(model, tokenizer, sentences: int) -> List[dict]:
                                 "skipped: onnx/onnxruntime not installed (the [bench] extra)"))
     else:
         rows.append(onnxruntime_dynamic(model, reference, evaluation))
-        restore_eval(model)
     log(f"  {rows[-1].markdown()}")
     out = []
     for row in rows:
