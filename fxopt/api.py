@@ -9,9 +9,11 @@ Targets:
 - ``eager``: the pipeline's graph run by PyTorch (default pipeline ``fuse``);
 - ``x86-int8``: fusion, then smooth-quant and static int8 (per-tensor activations
   calibrated on ``calibration_data``, per-channel int8 weights, int8 embedding
-  tables), lowered to oneDNN int8 kernels for this CPU's ISA. ``tolerance``
-  keeps the most sensitive linears in float until the output error is within it
-  (mixed precision, ``fxopt.passes.quantize.choose_float_layers``).
+  tables), lowered to oneDNN int8 kernels for this CPU's ISA.
+
+``tolerance`` turns on the search (``fxopt.search``): float, int8, and int8 with
+the most sensitive linears kept in float (mixed precision) are each built and
+measured, fidelity and latency, and the fastest within the tolerance is returned.
 """
 from __future__ import annotations
 
@@ -31,10 +33,15 @@ from fxopt.passes import Pipeline
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
 from fxopt.passes.quantize.half_weights import HalfWeights
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
+from fxopt.passes.quantize.mixed_precision import run_outputs
+from fxopt.search import Candidate, Tolerance, measure_and_choose, parse_tolerance, run_outputs_of
 
-TARGETS = ("eager", "x86-int8")
+TARGETS = ("eager", "x86-int8", "cuda")
 #: Pipelines a preset names, per target (quantization is added by the x86-int8 target itself).
 PRESETS = {"fast": "fuse", "balanced": "fuse", "small": "fuse"}
+#: The cuda target's pipeline: fxopt's attention kernel takes the whole attention, cuBLASLt the GEMMs
+#: (the fastest measured on the H100, benchmarks/results/gpu_bert_norm_act.md); epilogue fusion is TVM's.
+CUDA_PIPELINE = "cleanup,fuse-attention"
 DEFAULT_PRESET = "balanced"
 #: Smooth-quant's migration strength for x86-int8 (issue 5: best fidelity on MiniLM at 0.8).
 SMOOTH_ALPHA = 0.8
@@ -67,44 +74,147 @@ class OptimizedModel:
         """Write an artifact directory (atomically) that :func:`load` reads back without the model's source."""
         from fxopt.backends.artifact import save_artifact
         extra = {"pipeline": self.pipeline, "report": _jsonable(self.report())}
-        return save_artifact(self.graph, directory, target=self.target, extra=extra)
+        files = self.runner.files() if hasattr(self.runner, "files") else None
+        return save_artifact(self.graph, directory, target=self.target, files=files, extra=extra)
 
 
 def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: str = "eager",
              preset: Optional[str] = None, passes: Optional[Union[str, Pipeline]] = None,
              calibration_data: Optional[Iterable[Sequence[torch.Tensor]]] = None,
-             tolerance: Optional[float] = None, metric: Optional[Callable] = None,
+             tolerance: Optional[Union[float, Dict[str, float]]] = None, metric: Optional[Callable] = None,
              progress: bool = True) -> OptimizedModel:
-    """Capture ``model``, run the target's pipeline, lower it. The model itself is never changed."""
+    """Capture ``model``, run the target's pipeline, lower it. The model itself is never changed.
+
+    With ``tolerance`` (``{"cosine": 0.99}``, ``{"max_rel_err": 0.01}``, or a float bound for ``metric``)
+    it searches: every candidate pipeline for the target is built, its fidelity measured on the
+    calibration data and its latency measured here, and the fastest that meets the tolerance wins
+    (``fxopt.search``; the table is printed and kept in ``report()["candidates"]``).
+    """
     _check_target(target)
-    pipeline = _pipeline(preset, passes)
+    pipeline = _pipeline(preset, passes, target)
     original = capture(model, example_inputs)
     result = pipeline(original)
     stats: Dict[str, Any] = {"passes": result.stats}
+    if tolerance is not None:
+        if target == "cuda":
+            raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
+                             "measure every candidate on the GPU; drop tolerance (cuda builds one float16 "
+                             "pipeline, relative error ~1e-3 on BERT), or search with target='x86-int8'/'eager'")
+        return _search(original, result.graph, pipeline.spec, example_inputs, target, calibration_data,
+                       parse_tolerance(tolerance, metric), stats, progress)
     if target == "eager":
         return OptimizedModel(eager.lower(result.graph), result.graph, target, pipeline.spec, original, stats)
+    if target == "cuda":
+        return _optimize_cuda(original, result.graph, pipeline.spec, stats)
     started = time.perf_counter()
-    quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, tolerance, metric, progress)
+    quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, progress=progress)
     stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
     runner = x86_int8.lower(quantized)
     stats["lowering"] = runner.report.as_dict()
     return OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
 
 
+def _optimize_cuda(original: Graph, graph: Graph, spec: str, stats: Dict[str, Any]) -> OptimizedModel:
+    from fxopt.backends.tvm_cuda import deploy
+    started = time.perf_counter()
+    runner = deploy.build_target(graph)
+    stats["lowering"] = {**deploy.build_summary(runner), "seconds": round(time.perf_counter() - started, 1)}
+    return OptimizedModel(runner, graph, "cuda", spec, original, stats)
+
+
+def _search(original: Graph, fused: Graph, spec: str, example_inputs, target: str, calibration_data,
+            tolerance: Tolerance, stats: Dict[str, Any], progress: bool) -> OptimizedModel:
+    batches = _calibration_batches(example_inputs, calibration_data, warn=target != "eager")
+    candidates = list(_candidates(original, fused, spec, target, batches, tolerance, progress))
+    found = measure_and_choose(candidates, original, batches, example_inputs, tolerance)
+    if progress:
+        print(f"fxopt search ({target}, tolerance {tolerance.describe()}), measured on this machine:\n"
+              f"{found.table()}")
+    chosen = found.chosen
+    stats.update(chosen.stats, search=found.as_dict(), latency_ms=chosen.latency_ms,
+                 original_latency_ms=found.original_latency_ms, candidates=[c.as_dict() for c in candidates])
+    return OptimizedModel(chosen.runner, chosen.graph, chosen.target, chosen.pipeline, original, stats)
+
+
+def _candidates(original: Graph, fused: Graph, spec: str, target: str, batches, tolerance: Tolerance,
+                progress: bool):
+    """Every candidate pipeline for ``target``, built (not yet measured): float first, then compressed ones."""
+    yield Candidate("float", spec, fused, eager.lower(fused), "eager", compressed=False)
+    if target != x86_int8.TARGET:
+        return
+    calibrated = calibrate_for_x86(fused, batches, progress)
+    quantized, qspec = insert_qdq_for_x86(calibrated)
+    yield _x86_candidate("int8", f"{spec},{qspec}", quantized)
+    mixed = _mixed_precision_candidate(original, calibrated, spec, batches, tolerance, progress)
+    if mixed is not None:
+        yield mixed
+
+
+def _mixed_precision_candidate(original: Graph, calibrated: Graph, spec: str, batches, tolerance: Tolerance,
+                               progress: bool) -> Optional[Candidate]:
+    """int8 with the most sensitive linears in float: as many as the *lowered* model needs to meet ``tolerance``.
+
+    The plan is made on the Q/DQ graph; the lowered model (float16-stored float layers, oneDNN's
+    rounding) can land just outside, so layers are added in sensitivity order until it meets.
+    """
+    error_metric, bound = tolerance.as_error_metric()
+    plan = float_layers_for(calibrated, batches, bound, error_metric, progress)
+    if not plan.float_layers:  # int8 alone is within the tolerance
+        return None
+    ranked = [row.name for row in plan.rows]
+    reference = run_outputs(original, batches)
+    for kept in range(len(plan.float_layers), len(ranked)):
+        graph, mspec = insert_qdq_for_x86(calibrated, ranked[:kept])
+        candidate = _x86_candidate(f"int8, {kept} of {len(ranked)} layers float", f"{spec},{mspec}", graph,
+                                   {"mixed_precision": plan.format()})
+        if tolerance.meets(tolerance.value(reference, run_outputs_of(candidate.runner, batches))):
+            return candidate
+    return None
+
+
+def _x86_candidate(name: str, pipeline: str, graph: Graph, stats: Optional[dict] = None) -> Candidate:
+    runner = x86_int8.lower(graph)
+    return Candidate(name, pipeline, graph, runner, x86_int8.TARGET, compressed=True,
+                     stats={**(stats or {}), "lowering": runner.report.as_dict()})
+
+
 def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: Optional[float] = None,
                      metric: Optional[Callable] = None, progress: bool = True):
-    """Smooth-quant, calibrate and insert static int8 Q/DQ the way the x86 int8 kernels want them."""
+    """Smooth-quant, calibrate and insert static int8 Q/DQ the way the x86 int8 kernels want them.
+
+    ``tolerance`` (a relative-error bound, or ``metric``'s) keeps the most sensitive linears in float.
+    """
     batches = _calibration_batches(example_inputs, calibration_data)
-    # Without VNNI the int8 GEMM is exact only on 7-bit activation codes (see fxopt/backends/x86_int8/isa.py).
-    qdtype = "int8" if x86_int8.detect_isa().exact_8bit else "int7"
-    calibrated = calibrate_smoothed(graph, batches, SMOOTH_ALPHA, progress=progress, qdtype=qdtype)
+    calibrated = calibrate_for_x86(graph, batches, progress)
     skip = ()
     if tolerance is not None:
-        options = {"metric": metric} if metric is not None else {}
-        plan = choose_float_layers(calibrated, batches, tolerance, activation_matmuls=False, progress=progress,
-                                   **options)
-        skip = plan.float_layers
-    insert = InsertQDQ(scheme="static", activation_matmuls=False, embeddings=True, skip=skip)
+        skip = float_layers_for(calibrated, batches, tolerance, metric, progress).float_layers
+    return insert_qdq_for_x86(calibrated, skip)
+
+
+def calibrate_for_x86(graph: Graph, batches, progress: bool = True) -> Graph:
+    """Smooth-quant (alpha 0.8) and calibrate int8 activation ranges."""
+    return calibrate_smoothed(graph, batches, SMOOTH_ALPHA, progress=progress, qdtype="int8")
+
+
+def x86_weight_bits() -> int:
+    """8, or 7 on CPUs without VNNI: there 7-bit weights keep the int8 GEMM exact on 8-bit activations
+    (fxopt/backends/x86_int8/isa.py; on MiniLM that beats 7-bit activations, benchmarks/results/x86_int8_cpu2.md)."""
+    return 8 if x86_int8.detect_isa().exact_8bit else 7
+
+
+def float_layers_for(calibrated: Graph, batches, tolerance: float, metric: Optional[Callable] = None,
+                     progress: bool = True):
+    """The mixed-precision plan that keeps linears in float until the error is within ``tolerance``."""
+    options = {"metric": metric} if metric is not None else {}
+    return choose_float_layers(calibrated, batches, tolerance, activation_matmuls=False, progress=progress,
+                               **options)
+
+
+def insert_qdq_for_x86(calibrated: Graph, skip=()):
+    """Static int8 Q/DQ (embeddings too), the float-kept linears' weights stored in float16."""
+    insert = InsertQDQ(scheme="static", activation_matmuls=False, embeddings=True, skip=tuple(skip),
+                       bits=x86_weight_bits())
     quantized = HalfWeights()(insert(calibrated).graph).graph  # the linears kept in float: float16 on disk
     return quantized, f"{insert.spec()},{HalfWeights().spec()}"
 
@@ -123,6 +233,9 @@ def load(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> Opt
     if target == x86_int8.TARGET:
         runner = x86_int8.lower(graph)
         return OptimizedModel(runner, graph, target, pipeline, stats={"lowering": runner.report.as_dict()})
+    if target == "cuda":
+        from fxopt.backends.tvm_cuda import deploy
+        return OptimizedModel(deploy.load_target(graph, str(directory)), graph, target, pipeline)
     raise ArtifactError(f"{directory}: target {target!r} cannot be loaded by fxopt.load; "
                         f"it loads {', '.join(TARGETS)} artifacts")
 
@@ -130,12 +243,10 @@ def load(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> Opt
 # ------------------------------------------------------------------ helpers
 def _check_target(target: str) -> None:
     if target not in TARGETS:
-        hint = (" (the CUDA backend is fxopt.backends.tvm_cuda; optimize() does not drive it yet)"
-                if target == "cuda" else "")
-        raise InputError(f"optimize: unknown target {target!r}{hint}; valid targets: {', '.join(TARGETS)}")
+        raise InputError(f"optimize: unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
 
 
-def _pipeline(preset: Optional[str], passes) -> Pipeline:
+def _pipeline(preset: Optional[str], passes, target: str = "eager") -> Pipeline:
     if passes is not None and preset is not None:
         raise InputError("optimize: pass either preset= or passes=, not both")
     if passes is not None:
@@ -143,11 +254,13 @@ def _pipeline(preset: Optional[str], passes) -> Pipeline:
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise InputError(f"optimize: unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    return Pipeline(PRESETS[name])
+    return Pipeline(CUDA_PIPELINE if target == "cuda" else PRESETS[name])
 
 
-def _calibration_batches(example_inputs, calibration_data):
+def _calibration_batches(example_inputs, calibration_data, warn: bool = True):
     if calibration_data is None:
+        if not warn:
+            return [tuple(example_inputs)]
         warnings.warn("optimize(target='x86-int8'): no calibration_data; calibrating on the example inputs alone. "
                       "Pass a few hundred representative samples (a list of input tuples) for accuracy",
                       stacklevel=3)

@@ -1,0 +1,165 @@
+"""The accuracy-aware search: tolerances, measured ranking, and optimize(tolerance=...) end to end."""
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.errors import InputError
+from fxopt.search import Candidate, max_relative_error, mean_sample_cosine, measure_and_choose, parse_tolerance
+
+QD = torch.ops.quantized_decomposed
+
+
+def mlp(width=256, hidden=1024, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, width)).eval()
+
+
+def batches(n=3, rows=32, width=256, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, width, generator=gen),) for _ in range(n)]
+
+
+# ------------------------------------------------------------------ tolerances
+def test_tolerance_forms_parse_to_one_bound():
+    assert parse_tolerance({"cosine": 0.99}).describe() == "cosine >= 0.99"
+    assert parse_tolerance({"max_rel_err": 0.01}).describe() == "max_rel_err <= 0.01"
+    assert parse_tolerance(0.02).kind == "max_rel_err"
+    assert parse_tolerance(0.02, metric=lambda r, o: 0.0).kind == "metric"
+
+
+@pytest.mark.parametrize("tolerance, words", [
+    ({"cosine": 2.0}, "outside"), ({"max_rel_err": -1}, ">= 0"), ({"psnr": 30}, "exactly one key"),
+    ({"cosine": 0.9, "max_rel_err": 0.1}, "exactly one key"), ("tight", "not understood"),
+])
+def test_bad_tolerances_get_clear_errors(tolerance, words):
+    with pytest.raises(InputError, match=words):
+        parse_tolerance(tolerance)
+
+
+def test_fidelity_measures_agree_with_their_definitions():
+    ref = [[torch.tensor([[1.0, 0.0], [0.0, 2.0]])]]
+    same = [[torch.tensor([[2.0, 0.0], [0.0, 1.0]])]]  # rows scaled: cosine 1, error not 0
+    assert mean_sample_cosine(ref, same) == pytest.approx(1.0)
+    assert max_relative_error(ref, same) == pytest.approx((2 / 5) ** 0.5)
+    orthogonal = [[torch.tensor([[0.0, 1.0], [1.0, 0.0]])]]
+    assert mean_sample_cosine(ref, orthogonal) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------ measured ranking
+def _slowed(fn, seconds):
+    def run(*inputs):
+        time.sleep(seconds)
+        return fn(*inputs)
+    return run
+
+
+def _candidates(graph, exact_delay, noisy_delay):
+    noisy = lambda x: graph.run(x) + 0.5  # noqa: E731  (far from the reference)
+    return [Candidate("exact-slow", "a", graph, _slowed(graph.run, exact_delay), "eager", compressed=False),
+            Candidate("noisy-fast", "b", graph, _slowed(noisy, noisy_delay), "eager", compressed=True)]
+
+
+def test_the_fastest_candidate_within_tolerance_wins_by_measured_latency():
+    graph = fxopt.capture(mlp(), batches(1)[0])
+    data = batches(2)
+    loose = measure_and_choose(_candidates(graph, 0.02, 0.0), graph, data, data[0], parse_tolerance(10.0), repeats=3)
+    assert loose.chosen.name == "noisy-fast"  # both meet; it measured faster
+    assert loose.chosen.latency_ms < loose.candidates[0].latency_ms
+    tight = measure_and_choose(_candidates(graph, 0.02, 0.0), graph, data, data[0], parse_tolerance(1e-3), repeats=3)
+    assert tight.chosen.name == "exact-slow"  # the fast one fails the bound
+    assert [c.meets for c in tight.candidates] == [True, False]
+    # the same candidates with the delays swapped: the decision follows the measurement, not the order
+    swapped = measure_and_choose(_candidates(graph, 0.0, 0.02), graph, data, data[0], parse_tolerance(10.0), repeats=3)
+    assert swapped.chosen.name == "exact-slow"
+    assert "noisy-fast" in swapped.table() and "* exact-slow" in swapped.table()
+
+
+def test_no_candidate_within_tolerance_is_a_clear_error():
+    graph = fxopt.capture(mlp(), batches(1)[0])
+    data = batches(2)
+    only_noisy = _candidates(graph, 0.0, 0.0)[1:]
+    with pytest.raises(InputError, match="no candidate meets tolerance max_rel_err <= 0.001.*noisy-fast"):
+        measure_and_choose(only_noisy, graph, data, data[0], parse_tolerance(1e-3), repeats=1)
+
+
+# ------------------------------------------------------------ optimize() search
+def _optimize(tolerance, **kwargs):
+    data = batches(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxopt.optimize(mlp(), data[0], target="x86-int8", calibration_data=data, tolerance=tolerance,
+                              progress=False, **kwargs)
+
+
+def _has_qdq(graph) -> bool:
+    return any("quantize" in str(n.target) for n in graph.call_nodes())
+
+
+def test_a_tolerance_int8_cannot_meet_returns_the_float_pipeline():
+    optimized = _optimize({"cosine": 0.9999999})
+    report = optimized.report()
+    names = [c["name"] for c in report["candidates"]]
+    assert names[:2] == ["float", "int8"]
+    int8 = report["candidates"][1]
+    assert not int8["meets"] and int8["fidelity"]["cosine"] < 0.9999999
+    assert report["search"]["chosen"] == "float" and optimized.target == "eager"
+    assert not _has_qdq(optimized.graph)
+    assert all(c["latency_ms"] > 0 for c in report["candidates"]) and report["original_latency_ms"] > 0
+
+
+def test_a_loose_tolerance_returns_the_fastest_measured_candidate():
+    optimized = _optimize({"cosine": 0.98})
+    report = optimized.report()
+    rows = report["candidates"]
+    assert all(c["meets"] for c in rows)
+    fastest = min(rows, key=lambda c: c["latency_ms"])
+    assert report["search"]["chosen"] == fastest["name"] and fastest["chosen"]
+    assert report["latency_ms"] == fastest["latency_ms"]
+    if fastest["name"] != "float":  # a compressed winner is what runs, and it is smaller
+        assert optimized.target == "x86-int8" and _has_qdq(optimized.graph)
+        assert fastest["size_bytes"] < rows[0]["size_bytes"]
+    x = batches(1, seed=9)[0]
+    assert torch.nn.functional.cosine_similarity(optimized(*x), mlp()(*x)).mean() > 0.98
+
+
+def test_mixed_precision_candidate_appears_between_int8_and_float():
+    data = batches(4)
+    reference = mlp()
+    int8_error = _optimize(None).report()  # no search: all int8
+    assert "candidates" not in int8_error
+    optimized = _optimize({"max_rel_err": 0.012})
+    rows = optimized.report()["candidates"]
+    int8 = next(r for r in rows if r["name"] == "int8")
+    mixed = [r for r in rows if r["name"].startswith("int8, ")]
+    if int8["meets"]:
+        assert not mixed  # nothing to keep in float
+    else:  # kept as many linears in float as the lowered model needs, if any mix of them meets
+        assert all(r["meets"] and r["fidelity"]["max_rel_err"] < int8["fidelity"]["max_rel_err"] for r in mixed)
+    assert reference(*data[0]).shape == optimized(*data[0]).shape
+
+
+def test_user_metric_bounds_the_search():
+    calls = []
+
+    def worst_abs(reference, outputs):
+        calls.append(1)
+        return max(float((a - b).abs().max()) for ra, rb in zip(reference, outputs) for a, b in zip(ra, rb))
+
+    optimized = _optimize(1e-6, metric=worst_abs)
+    assert calls and optimized.report()["search"]["tolerance"] == "metric <= 1e-06"
+    assert optimized.report()["search"]["chosen"] == "float"
+
+
+def test_search_result_saves_and_loads(tmp_path):
+    optimized = _optimize({"cosine": 0.98})
+    loaded = fxopt.load(optimized.save(tmp_path / "artifact"))
+    x = batches(1, seed=5)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(loaded(*x), optimized(*x))
+    assert loaded.target == optimized.target
