@@ -6,7 +6,7 @@
 """
 from fxopt import errors
 from fxopt.errors import (
-    ArtifactError, CaptureError, FxoptError, InputError, LoweringError, MetadataError, PassError, PatternError,
+    ArtifactError, CaptureError, DeviceError, FxoptError, InputError, LoweringError, MetadataError, PassError, PatternError,
 )
 from fxopt.ir import Graph, QParams, TensorInfo, capture
 from fxopt.passes import (
@@ -17,12 +17,13 @@ from fxopt.passes import (
 from fxopt.passes.quantize import calibrate
 from fxopt import train
 from fxopt.api import OptimizedModel, load, optimize
+from fxopt.backends.onnx_export import export_onnx
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "load", "OptimizedModel", "capture", "calibrate", "train", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
+    "optimize", "load", "OptimizedModel", "export_onnx", "capture", "calibrate", "train", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
     "Rewriter", "ExamplePattern", "OpPattern", "Op", "Var", "AnyValue", "Match", "apply_patterns", "register_pass",
     "register_preset", "registered_passes", "registered_presets", "errors", "FxoptError", "CaptureError",
-    "PassError", "PatternError", "MetadataError", "LoweringError", "ArtifactError", "InputError", "__version__",
+    "PassError", "PatternError", "MetadataError", "LoweringError", "ArtifactError", "InputError", "DeviceError", "__version__",
 ]

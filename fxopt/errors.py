@@ -34,6 +34,10 @@ class LoweringError(FxoptError):
     """A backend could not lower a graph, or its target is unavailable."""
 
 
+class DeviceError(LoweringError):
+    """The target's device is not on this machine (``cuda`` without a GPU): code generation works, running does not."""
+
+
 class ArtifactError(FxoptError):
     """A saved artifact is missing, corrupted, tampered with or from another version."""
 
