@@ -94,6 +94,43 @@ def test_int32_accumulation_is_exact(m, k, n, zp, lead, extreme, seed):
                        f"{(out.double() - expected.double()).abs().max().item():.0f}) on {ISA.name}"
 
 
+@examples(20)
+@given(m=st.integers(1, 48), k=st.integers(1, 512), n=st.integers(1, 48), zp=st.integers(0, 255),
+       extreme=st.booleans(), seed=st.integers(0, 2**16))
+def test_seven_bit_weights_take_full_eight_bit_activations_exactly(m, k, n, zp, extreme, seed):
+    """Weights within +-63 keep 2 * 255 * 63 inside AVX2's int16 pair sums: 8-bit activations are exact on any ISA."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = (random_weight(n, k, gen, extreme).to(torch.int16) * 63 // 127).to(torch.int8)
+    codes = random_codes((m, k), 255, gen, extreme)
+    levels = ISA.activation_levels_for(weight)
+    assert levels == 255
+    linear = Int8Linear(weight, torch.ones(n), None, ActivationCodes(1.0, zp, 255), isa_levels=levels)
+    with torch.inference_mode():
+        out = linear((codes - zp).float())
+    expected = (codes - zp) @ weight.long().t()
+    assert torch.equal(out.double(), expected.double()), f"7-bit weights inexact on {ISA.name}"
+
+
+def test_eight_bit_weights_need_seven_bit_activations_only_without_vnni():
+    weight = torch.tensor([[127, -64]], dtype=torch.int8)
+    assert ISAS["avx2"].activation_levels_for(weight) == 127
+    assert ISAS["avx2"].activation_levels_for(weight // 2) == 255
+    assert ISAS["avx512-vnni"].activation_levels_for(weight) == 255
+
+
+def test_insert_qdq_bits7_stores_weight_codes_within_63():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    graph = fxopt.calibrate(fxopt.capture(model, (x,)), [(x,)], progress=False)
+    quantized = fxopt.Pipeline("insert-qdq{bits=7,activation-matmuls=false}")(graph).graph
+    dqs = list(quantized.call_nodes(QD.dequantize_per_channel.default))
+    assert len(dqs) == 2
+    for dq in dqs:
+        codes = quantized.param(dq.args[0])
+        assert codes.dtype == torch.int8 and int(codes.abs().max()) == 63 and tuple(dq.args[4:6]) == (-64, 63)
+    assert relative_error(model(x), quantized.run(x)) < 0.05
+
+
 # ------------------------------------------------- scales, bias, epilogues
 def scaled_case(m, k, n, seed):
     """Random int8 weights with per-channel scales, a bias, and float inputs that quantize exactly."""

@@ -28,10 +28,14 @@ from hypothesis import strategies as st
 import fxopt
 from fxopt.ir import meta as M
 from fxopt.ir.ops import unpack_int4
-from fxopt.passes.quantize.gptq import gptq_int4_grouped
+from fxopt.passes.quantize.gptq import gptq_int4_grouped, gptq_per_channel
+from fxopt.passes.quantize.insert_qdq import quantize_weight_per_channel
+from fxopt.passes.quantize.observers import QDTYPES
 from fxopt.passes.quantize.int4 import GROUP_SIZES, pack_int4, quantize_int4_grouped
 from fxopt.report.embeddings import embedding_agreement, sentence_embeddings
-from tests.harness import ACTIVATIONS, AttentionBlock, MLPBlock, ModelCase, ResidualBlock, Sequence_, count, examples
+from tests.harness import (
+    ACTIVATIONS, AttentionBlock, MLPBlock, ModelCase, ResidualBlock, Sequence_, count, examples, relative_error,
+)
 from tests.passes.test_quantize_insert_qdq import collect_values
 from tests.passes.test_quantize_minilm import minilm_data  # noqa: F401  (fixture: graph, batches, fp32 embeddings)
 
@@ -174,6 +178,36 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(scheme):
     assert (x @ (gptq - weight).t()).norm() < 0.5 * (x @ (rtn - weight).t()).norm()
 
 
+@pytest.mark.parametrize("qdtype", ["int8", "int7"])
+def test_per_channel_gptq_lowers_the_layer_output_error_and_keeps_the_code_range(qdtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 16, generator=gen) @ torch.randn(16, 128, generator=gen) + 0.1 * torch.randn(512, 128,
+                                                                                                          generator=gen)
+    weight = torch.randn(64, 128, generator=gen)
+    codes, q = gptq_per_channel(weight, 2 * x.t() @ x / len(x), qdtype)
+    rtn_codes, rtn_q = quantize_weight_per_channel(weight, 0, qdtype)
+    assert codes.dtype == torch.int8 and codes.shape == weight.shape and torch.equal(q.scale, rtn_q.scale)
+    info = QDTYPES[qdtype]
+    assert info.qmin <= int(codes.min()) and int(codes.max()) <= info.qmax
+    gptq, rtn = codes.float() * q.scale[:, None], rtn_codes.float() * rtn_q.scale[:, None]
+    assert (x @ (gptq - weight).t()).norm() < 0.7 * (x @ (rtn - weight).t()).norm()
+    uncorrelated, _ = gptq_per_channel(weight, 3.0 * torch.eye(128), qdtype)
+    assert torch.equal(uncorrelated, rtn_codes)  # no correlation: GPTQ is round-to-nearest
+
+
+def test_insert_qdq_gptq_with_int8_weights_beats_round_to_nearest_on_the_graph():
+    gen = torch.Generator().manual_seed(2)
+    mix = torch.randn(8, 96, generator=gen)
+    data = [(torch.randn(64, 8, generator=gen) @ mix,) for _ in range(4)]
+    model = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
+    graph = fxopt.calibrate(fxopt.capture(model, data[0]), data, progress=False)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        quantized = fxopt.Pipeline(f"insert-qdq{{scheme=weight-only,bits=7,method={method}}}")(graph).graph
+        errors[method] = sum(relative_error(model(*b), quantized.run(*b)) for b in data)
+    assert errors["gptq"] < errors["rtn"]
+
+
 # ------------------------------------------------ storage, folding, export
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_weights_are_packed_survive_fold_constants_and_export(symmetric):
@@ -210,10 +244,10 @@ def test_convs_and_float64_linears_are_left_in_float():
                                          r"weights only; use insert-qdq\{scheme=weight-only,bits=4\}"),
     ("insert-qdq{scheme=dynamic,bits=4}", r"bits=4 with scheme=dynamic is not supported"),
     ("insert-qdq{scheme=weight-only,bits=3}",
-     r"insert-qdq: bits='3' names unknown bit width \['3'\]; choose from 8, 4"),
+     r"insert-qdq: bits='3' names unknown bit width \['3'\]; choose from 8, 7, 4"),
     ("insert-qdq{scheme=weight-only,bits=4,group-size=48}",
      r"insert-qdq: group-size='48' names unknown group size \['48'\]; choose from 32, 64, 128"),
-    ("insert-qdq{scheme=weight-only,group-size=64}", r"group-size, symmetric=false and method=gptq apply to bits=4 "
+    ("insert-qdq{scheme=weight-only,group-size=64}", r"group-size and symmetric=false apply to bits=4 "
                                                      r"only .*; drop them, or set bits=4"),
     ("insert-qdq{scheme=weight-only,bits=4,method=awq}", r"method='awq' names unknown method \['awq'\]"),
 ])

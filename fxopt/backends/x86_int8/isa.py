@@ -7,7 +7,10 @@ int32, so full 8-bit activation codes give exact int32 accumulation. Without
 VNNI, AVX2 adds pairs of products in a *saturating int16* first
 (``vpmaddubsw``): ``255 * 127 * 2`` overflows it, and results go wrong. There,
 activations get 7-bit codes (``0..127``), the "reduce range" rule PyTorch's
-own x86 quantizer follows, which keeps every pair sum in range.
+own x86 quantizer follows, which keeps every pair sum in range; or the weights
+get 7-bit codes (``-63..63``), which keeps it in range with full 8-bit
+activations. Per-channel weights lose far less to the seventh bit than
+per-tensor activations do, so ``fxopt.optimize`` takes that route on AVX2.
 
 ``FXOPT_X86_ISA=avx2|avx512-vnni|amx`` overrides detection (tests use it to
 check each path's code range on any machine).
@@ -22,6 +25,8 @@ from typing import FrozenSet
 from fxopt.errors import LoweringError
 
 ENV_OVERRIDE = "FXOPT_X86_ISA"
+#: Largest |weight code| whose pair products with 8-bit activations fit AVX2's saturating int16 (2*255*64 = 32640).
+SEVEN_BIT_WEIGHT_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,17 @@ class Isa:
     def activation_levels(self) -> int:
         """Largest uint8 activation code the kernels may be given without risking saturation."""
         return 255 if self.exact_8bit else 127
+
+    def activation_levels_for(self, weight_codes) -> int:
+        """Largest activation code that is exact against these int8 weight codes.
+
+        Without VNNI a pair of products must fit in int16: ``2 * 255 * 63 = 32130``
+        does (and 2 * 255 * 64), so 7-bit weights (``insert-qdq{bits=7}``) take full
+        8-bit activations; 8-bit weights need 7-bit activations.
+        """
+        if self.exact_8bit or int(weight_codes.abs().max()) <= SEVEN_BIT_WEIGHT_MAX:
+            return 255
+        return 127
 
 
 ISAS = {

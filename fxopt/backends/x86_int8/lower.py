@@ -145,7 +145,7 @@ def _lower_linears(graph: Graph, isa: Isa, report: LoweringReport) -> None:
         if parts is None:
             continue
         x, codes_spec, weight_codes, weight_scale, bias = parts
-        levels = isa.activation_levels
+        levels = isa.activation_levels_for(weight_codes)
         codes = None
         if codes_spec is not None:
             codes, exact = ActivationCodes.for_levels(*codes_spec, levels=levels)

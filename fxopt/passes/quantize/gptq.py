@@ -1,4 +1,8 @@
-"""GPTQ for int4 group-wise weights (Frantar et al., 2023): ``insert-qdq{...,bits=4,method=gptq}``.
+"""GPTQ weight rounding (Frantar et al., 2023): ``insert-qdq{...,method=gptq}``.
+
+For int4 group-wise weights (``bits=4``) and for per-channel int8/int7 weights
+(``bits=8``/``bits=7``: one group spanning the whole row, its symmetric range
+fixed from the original row, as round-to-nearest would choose it).
 
 Rounding each weight to the nearest code ignores how the layer's inputs mix
 the columns. GPTQ rounds one input column at a time and spreads that column's
@@ -27,8 +31,8 @@ import torch.fx as fx
 from fxopt.ir.graph import Graph
 from fxopt.ir.meta import QParams
 from fxopt.passes.quantize.calibrate import _ObservingInterpreter
-from fxopt.passes.quantize.int4 import INT4, pack_int4
-from fxopt.passes.quantize.observers import qparams_from_range
+from fxopt.passes.quantize.int4 import pack_int4
+from fxopt.passes.quantize.observers import QDTYPES, qparams_from_range
 
 #: Added to H's diagonal, relative to its mean, so that H is invertible (GPTQ's default).
 DAMPING = 0.01
@@ -87,32 +91,47 @@ def gptq_int4_grouped(weight: torch.Tensor, hessian: torch.Tensor, group_size: i
                       damping: float = DAMPING) -> Tuple[torch.Tensor, QParams]:
     """The packed uint8 codes ``[out, in / 2]`` GPTQ chooses for ``weight`` and their per-group QParams."""
     with _one_thread():
-        return _gptq(weight.detach().float().t().contiguous(), inverse_hessian_factor(hessian, damping), group_size,
-                     scheme)
+        codes, scales, zero_points = _gptq(weight.detach().float().t().contiguous(),
+                                           inverse_hessian_factor(hessian, damping), group_size, scheme, "int4")
+    qp = QParams(torch.stack(scales, 1), torch.stack(zero_points, 1).to(torch.int8), "int4", scheme, 0, group_size)
+    return pack_int4(codes.t()), qp
 
 
-def _gptq(columns: torch.Tensor, u: torch.Tensor, group_size: int, scheme: str) -> Tuple[torch.Tensor, QParams]:
-    """GPTQ on ``columns`` = Wᵀ ``[in, out]`` (input column j is the contiguous row j), changed in place."""
+def gptq_per_channel(weight: torch.Tensor, hessian: torch.Tensor, qdtype: str = "int8",
+                     damping: float = DAMPING) -> Tuple[torch.Tensor, QParams]:
+    """Symmetric per-output-channel codes ``[out, in]`` (int8 storage) GPTQ chooses for a linear weight."""
+    with _one_thread():
+        codes, scales, zero_points = _gptq(weight.detach().float().t().contiguous(),
+                                           inverse_hessian_factor(hessian, damping), weight.shape[1], "symmetric",
+                                           qdtype)
+    qp = QParams(scales[0], zero_points[0], qdtype, "symmetric", 0)
+    return codes.t().to(torch.int8).contiguous(), qp
+
+
+def _gptq(columns: torch.Tensor, u: torch.Tensor, group_size: int, scheme: str, qdtype: str):
+    """GPTQ on ``columns`` = Wᵀ ``[in, out]`` (input column j is the contiguous row j), changed in place.
+
+    Returns the codes ``[in, out]`` (as floats) and each group's scales and zero points.
+    """
     codes = torch.empty_like(columns)
     scales: List[torch.Tensor] = []
     zero_points: List[torch.Tensor] = []
     for start in range(0, columns.shape[0], group_size):
         end = start + group_size
         group = columns[start:end]
-        q = qparams_from_range(group.amin(dim=0), group.amax(dim=0), "int4", scheme, axis=0)
-        errors = _round_group(group, u[start:end, start:end], q, codes[start:end])
+        q = qparams_from_range(group.amin(dim=0), group.amax(dim=0), qdtype, scheme, axis=0)
+        errors = _round_group(group, u[start:end, start:end], q, codes[start:end], QDTYPES[qdtype])
         columns[end:] -= u[start:end, end:].t() @ errors
         scales.append(q.scale)
         zero_points.append(q.zero_point)
-    qp = QParams(torch.stack(scales, 1), torch.stack(zero_points, 1).to(torch.int8), "int4", scheme, 0, group_size)
-    return pack_int4(codes.t()), qp
+    return codes, scales, zero_points
 
 
-def _round_group(group: torch.Tensor, u: torch.Tensor, q: QParams, codes: torch.Tensor) -> torch.Tensor:
+def _round_group(group: torch.Tensor, u: torch.Tensor, q: QParams, codes: torch.Tensor, info) -> torch.Tensor:
     """Round a group's columns (the rows of ``group``) in order, each one's error fed into the later ones, in place."""
     errors = torch.empty_like(group)
     for j in range(group.shape[0]):
-        codes[j] = torch.clamp(torch.round(group[j] / q.scale) + q.zero_point, INT4.qmin, INT4.qmax)
+        codes[j] = torch.clamp(torch.round(group[j] / q.scale) + q.zero_point, info.qmin, info.qmax)
         errors[j] = (group[j] - (codes[j] - q.zero_point) * q.scale) / u[j, j]
         group[j:] -= u[j, j:, None] * errors[j]
     return errors

@@ -18,7 +18,8 @@ Schemes:
   dequantized by ``fxopt.dequantize_int4_grouped``. Other weighted ops (convs,
   ``mm`` with a ``[in, out]`` weight) and activation matmuls stay in float
   (counted in ``skipped``). ``method=gptq`` chooses the int4 codes with GPTQ
-  on the calibration sample ``fxopt.calibrate`` keeps on the graph.
+  on the calibration sample ``fxopt.calibrate`` keeps on the graph; with
+  ``bits=8`` or ``bits=7`` it rounds linear weights' per-channel codes with GPTQ.
 
 ``activation-matmuls=false`` leaves matmuls between two activations (attention
 scores and context) in floating point. ``skip=linear_5;matmul_1`` leaves the
@@ -49,7 +50,7 @@ from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.quantize.calibrate import (
     activation_inputs, calibration_sample, is_weight, linear_targets, quantizable_ops,
 )
-from fxopt.passes.quantize.gptq import gptq_int4_grouped, weight_hessians
+from fxopt.passes.quantize.gptq import gptq_int4_grouped, gptq_per_channel, weight_hessians
 from fxopt.passes.quantize.int4 import GROUP_SIZES, quantize_int4_grouped
 from fxopt.passes.quantize.observers import QDTYPES, qparams_from_range
 
@@ -58,16 +59,19 @@ QD = torch.ops.quantized_decomposed
 SCHEMES = ("static", "dynamic", "weight-only")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT8 = QDTYPES["int8"]
-BITS = (8, 4)
+BITS = (8, 7, 4)
+#: The weight code range of each bit width (int7: [-64, 63] in int8, symmetric so codes stay within ±63).
+WEIGHT_QDTYPES = {8: "int8", 7: "int7"}
 #: How int4 codes are chosen: round to nearest, or GPTQ on the calibration sample.
 METHODS = ("rtn", "gptq")
 
 
-def quantize_weight_per_channel(weight: torch.Tensor, axis: int):
-    """Symmetric int8 per-channel codes of ``weight`` along ``axis`` and their QParams."""
+def quantize_weight_per_channel(weight: torch.Tensor, axis: int, qdtype: str = "int8"):
+    """Symmetric per-channel codes (int8, or int7 stored in int8) of ``weight`` along ``axis`` and their QParams."""
     rows = weight.detach().float().movedim(axis, 0).reshape(weight.shape[axis], -1)
-    q = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), "int8", "symmetric", axis)
-    codes = QD.quantize_per_channel(weight.detach().float(), q.scale, q.zero_point, axis, INT8.qmin, INT8.qmax,
+    q = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), qdtype, "symmetric", axis)
+    info = QDTYPES[qdtype]
+    codes = QD.quantize_per_channel(weight.detach().float(), q.scale, q.zero_point, axis, info.qmin, info.qmax,
                                     torch.int8)
     return codes, q
 
@@ -87,13 +91,15 @@ class InsertQDQ(Pass):
     activation_matmuls: bool = True
     #: Names of op nodes to leave in floating point (mixed precision); counted in ``skipped``.
     skip: Tuple[str, ...] = ()
-    #: 8: int8 weights per channel; 4: int4 group-wise linear weights (scheme=weight-only only).
+    #: 8: int8 weights per channel; 7: int7 weights per channel (codes within ±63, so x86 CPUs without
+    #: VNNI, whose GEMM sums pairs of u8 x s8 products in a saturating int16, take full 8-bit activations
+    #: exactly); 4: int4 group-wise linear weights (scheme=weight-only only).
     bits: int = 8
     #: Input columns that share an int4 scale (bits=4; default 128).
     group_size: Optional[int] = None
     #: False: int4 groups get a zero point too (the range [min, max] rather than [-amax, amax]).
     symmetric: bool = True
-    #: bits=4: "rtn" rounds each weight to the nearest code; "gptq" spreads rounding errors using the
+    #: "rtn" rounds each weight to the nearest code; "gptq" spreads rounding errors using the
     #: calibration sample that ``fxopt.calibrate`` keeps on the graph (see fxopt.passes.quantize.gptq).
     method: str = "rtn"
     #: Also store embedding tables as int8, one scale per row (the x86-int8 backend gathers and scales
@@ -113,7 +119,7 @@ class InsertQDQ(Pass):
             self._require_calibration(ops)
         if self.bits == 4:
             self._require_int4_groups(ops)
-        hessians = self._int4_hessians(graph, ops)
+        hessians = self._gptq_hessians(graph, ops)
         weights: Dict[tuple, fx.Node] = {}
         acts: Dict[fx.Node, fx.Node] = {}
         stats = {"quantized_ops": 0, "weights": 0, "activations": 0, "skipped": len(set(self.skip))}
@@ -187,8 +193,8 @@ class InsertQDQ(Pass):
             raise self.error(f"bits=4 with scheme={self.scheme} is not supported: int4 is for weights only",
                              hint="use insert-qdq{scheme=weight-only,bits=4}, or bits=8 with static and dynamic")
         self.check_choices("method", (self.method,), METHODS, "method")
-        if self.bits == 8 and (self.group_size is not None or not self.symmetric or self.method != "rtn"):
-            raise self.error("group-size, symmetric=false and method=gptq apply to bits=4 only (int8 weights "
+        if self.bits != 4 and (self.group_size is not None or not self.symmetric):
+            raise self.error("group-size and symmetric=false apply to bits=4 only (int8 and int7 weights "
                              "are symmetric per output channel)", hint="drop them, or set bits=4")
         if self.bits == 4:
             self.check_choices("group-size", (str(self.int4_group_size),), [str(g) for g in GROUP_SIZES],
@@ -209,7 +215,7 @@ class InsertQDQ(Pass):
                     f"choose a group size ({', '.join(map(str, GROUP_SIZES))}) that divides in_features, "
                     f"leave the node in float with skip={node.name}, or use bits=8")
 
-    def _int4_hessians(self, graph: Graph, ops) -> Dict[str, torch.Tensor]:
+    def _gptq_hessians(self, graph: Graph, ops) -> Dict[str, torch.Tensor]:
         """method=gptq: weight target -> Hessian of its inputs on the calibration sample; else empty."""
         if self.method != "gptq":
             return {}
@@ -217,7 +223,9 @@ class InsertQDQ(Pass):
         if not batches:
             raise self.error("method=gptq needs calibration data and the graph carries none",
                              hint="call fxopt.calibrate(graph, data) first, or use method=rtn")
-        return weight_hessians(graph, [n for n in ops if self._can_quantize(n)], batches)
+        linears = [n for n in ops if self._can_quantize(n) and n.target in linear_targets()
+                   and self._weight_arg(n) is not None]
+        return weight_hessians(graph, linears, batches)
 
     def _can_quantize(self, node: fx.Node) -> bool:
         info = M.node_info(node)
@@ -267,15 +275,22 @@ class InsertQDQ(Pass):
                    hessian: Optional[torch.Tensor] = None) -> fx.Node:
         if self.bits == 4:
             return self._int4_weight_dq(graph, rw, weight, hessian)
-        return self._int8_weight_dq(graph, rw, weight, axis)
+        return self._int8_weight_dq(graph, rw, weight, axis, WEIGHT_QDTYPES[self.bits], hessian)
 
-    def _int8_weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, axis: int) -> fx.Node:
+    def _int8_weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, axis: int,
+                        qdtype: str = "int8", hessian: Optional[torch.Tensor] = None) -> fx.Node:
+        """Per-channel codes of ``weight`` (int8, or int7 in int8 storage; GPTQ-rounded given its inputs'
+        ``hessian``) and the dequantize that reads them."""
         tensor = graph.param(weight)
-        codes, qp = quantize_weight_per_channel(tensor, axis)
-        codes_node = rw.param(f"{weight.target}_int8", codes)
+        if hessian is not None and axis == 0 and tensor.dim() == 2:
+            codes, qp = gptq_per_channel(tensor, hessian, qdtype)
+        else:
+            codes, qp = quantize_weight_per_channel(tensor, axis, qdtype)
+        codes_node = rw.param(f"{weight.target}_{qdtype}", codes)
         scale_node = rw.param(f"{weight.target}_scale", qp.scale)
         M.set_qparams(codes_node, qp)
-        return rw.call(QD.dequantize_per_channel.default, codes_node, scale_node, None, axis, INT8.qmin, INT8.qmax,
+        info = QDTYPES[qdtype]
+        return rw.call(QD.dequantize_per_channel.default, codes_node, scale_node, None, axis, info.qmin, info.qmax,
                        torch.int8, **_out_dtype(tensor.dtype))
 
     def _int4_weight_dq(self, graph: Graph, rw: Rewriter, weight: fx.Node, hessian: Optional[torch.Tensor]
