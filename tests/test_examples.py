@@ -19,3 +19,27 @@ def test_custom_pass_example_rewrites_both_styles():
     assert result.stats["0:simplify-activations"]["matches"] == {"silu": 1, "double_relu": 1}
     targets = [n.target for n in result.graph.call_nodes()]
     assert torch.ops.aten.silu.default in targets and targets.count(torch.ops.aten.relu.default) == 1
+
+
+def test_minilm_example_quantizes_the_real_model_within_the_bound():
+    result = load_example("minilm_x86_int8").main(["--sentences", "32", "--length", "32"])
+    assert result["size_mb"] < 0.3 * result["original_size_mb"]  # int8 weights and tables
+    assert result["cosine"] >= 0.98  # 32 calibration sentences of 32 tokens: a bound for the short run
+
+
+def test_search_example_keeps_float_when_tight_and_picks_the_fastest_when_loose():
+    chosen = load_example("search_with_tolerance").main()
+    assert chosen["{'cosine': 0.99999}"] == "float"
+    assert chosen["{'cosine': 0.99}"] in {"float", "int8"}  # the measured fastest of the candidates that meet
+
+
+def test_bert_cuda_example_builds_and_saves(tmp_path):
+    import pytest
+    pytest.importorskip("transformers")
+    pytest.importorskip("tvm")
+    optimized, error = load_example("bert_cuda").main(["--layers", "1", "--batch", "1", "--seq", "16",
+                                                       "--out", str(tmp_path / "bert")])
+    assert (tmp_path / "bert" / "model.so").stat().st_size > 0
+    assert optimized.target == "cuda"
+    if error is not None:  # on a GPU machine it also ran: float16 against PyTorch fp32
+        assert error < 5e-3

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+from torch.utils import _pytree as pytree
 
 from fxopt.errors import ArtifactError, DeviceError
 from fxopt.ir.graph import Graph
@@ -48,7 +49,8 @@ class CudaTarget:
         self.graph.check_inputs(inputs)
         module = self._loaded()
         out = module(*inputs)
-        return out[0] if isinstance(out, tuple) and len(out) == 1 else out
+        leaves = list(out) if isinstance(out, tuple) else [out]
+        return _as_model_output(self.graph, leaves)
 
     def _loaded(self):
         if self._module is None:
@@ -66,6 +68,14 @@ class CudaTarget:
     def __del__(self):
         if self._owns_dir:
             shutil.rmtree(self.library_dir, ignore_errors=True)
+
+
+def _as_model_output(graph: Graph, leaves: list):
+    """The library's flat outputs in the structure the model returns (a dict, a tuple, one tensor)."""
+    info = getattr(graph.fx_graph._codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:
+        return pytree.tree_unflatten(leaves, info.out_spec)
+    return leaves[0] if len(leaves) == 1 else tuple(leaves)
 
 
 def require_gpu() -> None:
