@@ -17,11 +17,12 @@ measured, fidelity and latency, and the fastest within the tolerance is returned
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,7 +32,6 @@ from fxopt.errors import ArtifactError, InputError
 from fxopt.ir import Graph, capture
 from fxopt.passes import Pipeline
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
-from fxopt.passes.quantize.half_weights import HalfWeights
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.mixed_precision import run_outputs
 from fxopt.search import Candidate, Tolerance, measure_and_choose, parse_tolerance, run_outputs_of
@@ -45,6 +45,10 @@ CUDA_PIPELINE = "cleanup,fuse-attention"
 DEFAULT_PRESET = "balanced"
 #: Smooth-quant's migration strength for x86-int8 (issue 5: best fidelity on MiniLM at 0.8).
 SMOOTH_ALPHA = 0.8
+#: Without VNNI (7-bit weights), the share of linears whose activations stay float by default, the most
+#: sensitive first: on MiniLM (AVX2) 6 of 25 lift held-out cosine / NN agreement from 0.9974 / 0.922 to
+#: 0.9982 / 0.961 at the same 23 MB (benchmarks/results/x86_int8_cpu2.md).
+NO_VNNI_FLOAT_ACTIVATION_SHARE = 0.25
 
 
 @dataclass
@@ -182,14 +186,25 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: 
                      metric: Optional[Callable] = None, progress: bool = True):
     """Smooth-quant, calibrate and insert static int8 Q/DQ the way the x86 int8 kernels want them.
 
-    ``tolerance`` (a relative-error bound, or ``metric``'s) keeps the most sensitive linears in float.
+    ``tolerance`` (a relative-error bound, or ``metric``'s) keeps the most sensitive linears' activations
+    in float until the error is within it. Without it, on CPUs without VNNI (7-bit weights there), the
+    :data:`NO_VNNI_FLOAT_ACTIVATION_SHARE` most sensitive linears keep float activations.
     """
     batches = _calibration_batches(example_inputs, calibration_data)
     calibrated = calibrate_for_x86(graph, batches, progress)
-    skip = ()
     if tolerance is not None:
         skip = float_layers_for(calibrated, batches, tolerance, metric, progress).float_layers
+    elif x86_weight_bits() < 8:
+        skip = most_sensitive_layers(calibrated, batches[:1], NO_VNNI_FLOAT_ACTIVATION_SHARE, progress)
+    else:
+        skip = ()
     return insert_qdq_for_x86(calibrated, skip)
+
+
+def most_sensitive_layers(calibrated: Graph, batches, share: float, progress: bool = True) -> Tuple[str, ...]:
+    """The ``share`` of quantizable linears whose quantization alone costs the most output error."""
+    plan = float_layers_for(calibrated, batches, math.inf, progress=progress)  # the ranking only
+    return tuple(row.name for row in plan.rows[:math.ceil(share * len(plan.rows))])
 
 
 def calibrate_for_x86(graph: Graph, batches, progress: bool = True) -> Graph:
@@ -212,11 +227,23 @@ def float_layers_for(calibrated: Graph, batches, tolerance: float, metric: Optio
 
 
 def insert_qdq_for_x86(calibrated: Graph, skip=()):
-    """Static int8 Q/DQ (embeddings too), the float-kept linears' weights stored in float16."""
+    """Static int8 Q/DQ (embeddings too; 7-bit weights GPTQ-rounded); the ``skip``ped linears keep float
+    activations with int8 weights.
+
+    Weight-only int8 for the float-activation layers keeps the artifact as small as all-int8 (the x86
+    backend dequantizes those weights once, at load); on MiniLM it loses far less than their
+    activations' quantization did (benchmarks/results/x86_int8_cpu2.md).
+    """
+    bits = x86_weight_bits()
+    # GPTQ rounding for 7-bit weights: MiniLM on AVX2 0.9975/0.938 -> 0.9983/0.961 (cosine/NN). For 8-bit
+    # weights it raised the cosine (0.9980 -> 0.9985) but not NN agreement, so round-to-nearest stays there.
     insert = InsertQDQ(scheme="static", activation_matmuls=False, embeddings=True, skip=tuple(skip),
-                       bits=x86_weight_bits())
-    quantized = HalfWeights()(insert(calibrated).graph).graph  # the linears kept in float: float16 on disk
-    return quantized, f"{insert.spec()},{HalfWeights().spec()}"
+                       bits=bits, method="gptq" if bits < 8 else "rtn")
+    steps = [insert] + ([InsertQDQ(scheme="weight-only", activation_matmuls=False)] if skip else [])
+    graph = calibrated
+    for step in steps:
+        graph = step(graph).graph
+    return graph, ",".join(step.spec() for step in steps)
 
 
 def load(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> OptimizedModel:

@@ -562,6 +562,22 @@ def test_full_int8_codes_on_a_vnni_cpu_are_the_graphs_codes(monkeypatch):
             assert module.isa_levels == 255
 
 
+def test_weight_only_layers_run_float_gemms_on_weights_dequantized_once():
+    """The x86 default for sensitive linears: int8 weights on disk, float activations, no per-call dequantize."""
+    ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(6))
+    graph = fxopt.calibrate(fxopt.capture(EmbedMLP().eval(), (ids,)), [(ids,)], progress=False)
+    quantized, spec = fxopt.api.insert_qdq_for_x86(graph, skip=("linear_1",))
+    assert "scheme=weight-only" in spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing falls back: the weight-only linear is float by design
+        lowered = x86_int8.lower(quantized)
+    assert lowered.report.int8_linears == 1 and lowered.report.dequantized_weights == 1
+    assert not [n for n in lowered.module.graph.nodes if n.target == QD.dequantize_per_channel.default]
+    codes = [t for name, t in quantized.params().items() if t.dtype == torch.int8]
+    assert len(codes) == 4  # two tables, two linear weights: all int8 on disk
+    assert relative_error(quantized.run(ids), lowered(ids)) < 1e-2
+
+
 # ================================================================== artifacts
 class EmbedMLP(nn.Module):
     def __init__(self):

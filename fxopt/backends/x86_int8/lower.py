@@ -62,12 +62,15 @@ class LoweringReport:
     int8_embeddings: int = 0
     fused_requantizations: int = 0
     fused_multipliers: int = 0
+    #: Stored int8 weights of ops that run in float (weight-only layers): dequantized once, at load.
+    dequantized_weights: int = 0
     inexact_activation_codes: List[str] = field(default_factory=list)
     float_fallbacks: Dict[str, List[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"isa": self.isa, "int8_linears": self.int8_linears, "int8_embeddings": self.int8_embeddings,
                 "fused_requantizations": self.fused_requantizations, "fused_multipliers": self.fused_multipliers,
+                "dequantized_weights": self.dequantized_weights,
                 "inexact_activation_codes": len(self.inexact_activation_codes),
                 "float_fallbacks": {op: len(nodes) for op, nodes in self.float_fallbacks.items()}}
 
@@ -103,6 +106,7 @@ def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True) -> X86Int8
     _lower_linears(work, isa, report)
     _lower_embeddings(work, report)
     work.fx_graph.eliminate_dead_code()
+    _fold_weight_dequantize(work, report)
     _fuse_requantization(work, report)
     work.remove_unused_params()
     _find_float_fallbacks(work, report)
@@ -259,6 +263,22 @@ def _lower_embeddings(graph: Graph, report: LoweringReport) -> None:
         padding_idx = node.args[2] if len(node.args) > 2 else -1
         _replace_with_module(graph, node, f"int8_{node.name}", Int8Embedding(*parts, None, padding_idx), ids)
         report.int8_embeddings += 1
+
+
+def _fold_weight_dequantize(graph: Graph, report: LoweringReport) -> None:
+    """``dequantize_per_channel`` of stored codes that no int8 kernel took (weight-only int8 layers, whose
+    activations stay float): dequantize once, here, so each call runs a plain float GEMM. The artifact
+    keeps the int8 codes; only memory holds the float copy."""
+    for node in list(graph.call_nodes(QD.dequantize_per_channel.default)):
+        codes, scales, zero_points = node.args[:3]
+        if not (_is_param(codes) and _is_param(scales) and (zero_points is None or _is_param(zero_points))):
+            continue
+        values = [graph.param(a) if _is_param(a) else a for a in node.args]
+        weight = node.target(*values, **node.kwargs)
+        folded = graph.add_param(f"{codes.target}_dequantized", weight, before=node)
+        node.replace_all_uses_with(folded)
+        graph.fx_graph.erase_node(node)
+        report.dequantized_weights += 1
 
 
 # ---------------------------------------------------- fused requantization
