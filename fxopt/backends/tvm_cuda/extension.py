@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import List
+from typing import Dict, List
 
 from fxopt.errors import ArtifactError, LoweringError
 
@@ -101,8 +101,35 @@ def _compile(path: str, include: List[str], libs: List[str]) -> None:
     os.replace(tmp, path)  # atomic: a concurrent build sees no file or the whole one
 
 
+#: Extensions loaded in this process: file name -> sha256. Their ``fxopt.*`` functions are process-global,
+#: and TVM aborts the process if one is registered twice, so each is loaded once.
+_LOADED: Dict[str, str] = {}
+
+
 def load_extension(path: str) -> None:
-    """Load ``libcublasLt`` and then the extension ``RTLD_GLOBAL``, registering its ``fxopt.*`` functions."""
+    """Load ``libcublasLt`` and then the extension ``RTLD_GLOBAL``, registering its ``fxopt.*`` functions.
+
+    Loading the same extension again (another artifact's copy) is a no-op; a *different* build of it
+    cannot join a process that has one (its functions would be registered twice): ArtifactError.
+    """
+    name, digest = os.path.basename(path), _sha256(path)
+    if name in _LOADED:
+        if _LOADED[name] != digest:
+            raise ArtifactError(f"{path}: another build of {name} is already loaded in this process (from an "
+                                "artifact built by another fxopt); load artifacts built by one fxopt version "
+                                "per process, or rebuild them")
+        return
+    _load_cublaslt(path)
+    ctypes.CDLL(os.path.abspath(path), mode=ctypes.RTLD_GLOBAL)
+    _LOADED[name] = digest
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _load_cublaslt(path: str) -> None:
     try:
         ctypes.CDLL(CUBLASLT_SONAME, mode=ctypes.RTLD_GLOBAL)
     except OSError:
@@ -111,4 +138,3 @@ def load_extension(path: str) -> None:
             raise ArtifactError(f"{path}: needs {CUBLASLT_SONAME}, which is neither on the library path nor in an "
                                 "nvidia-cublas wheel; pip install 'nvidia-cublas>=13,<14'") from None
         ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
-    ctypes.CDLL(os.path.abspath(path), mode=ctypes.RTLD_GLOBAL)
