@@ -6,6 +6,7 @@ it stays runnable, exportable and lowerable. The passes that introduce ops
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -171,3 +172,80 @@ def _dequantize_int4_grouped_fake(packed, scales, zero_points, group_size, out_d
 
 
 UNFOLDABLE_TARGETS.add(fxopt_ops().dequantize_int4_grouped.default)
+
+
+# ============================================================ CSR sparse linear
+# ``sparsify`` replaces a pruned ``aten.linear`` by ``csr_linear``: the weight
+# [out, in] is stored as its CSR arrays (crow_indices [out + 1], col_indices
+# [nnz], values [nnz]), three get_attr weights that safetensors saves as they
+# are. The kernel is torch's CSR x dense product (MKL on x86), in the layout
+# benchmarks/sparse_linear.py measured fastest here: int32 indices (int64 ones
+# are converted on every call), addmm(bias, W, x^T) for a batch of rows, and for
+# a single row a sparse matrix-vector product once W has enough nonzeros (up to
+# 2x faster than a 1-column addmm at 4096x4096, 50-90% sparse).
+# MKL has no float16/bfloat16 CSR kernels: those compute in float32.
+_LIBRARY.define(
+    "csr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, int out_features, "
+    "int in_features, Tensor? bias) -> Tensor"
+)
+_CSR_NATIVE_DTYPES = (torch.float32, torch.float64)
+#: A one-row product uses addmv from this many nonzeros up: below, its fixed cost (~0.1 ms) loses to a
+#: 1-column addmm; above, its lower cost per nonzero wins (benchmarks/results/sparse_linear_1thread.md, 4096x4096
+#: vs 768->3072 at batch 1; the Xeon run sparse_linear_xeon.md agrees).
+CSR_MV_MIN_NONZEROS = 250_000
+# torch warns once that CSR support is "beta"; csr_linear is tested against the dense product.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _check_csr_linear(input, crow, col, values, out_features: int, in_features: int, bias) -> None:
+    where = "fxopt.csr_linear"
+    if input.shape[-1] != in_features:
+        raise ValueError(f"{where}: input's last dim is {input.shape[-1]}, in_features is {in_features}")
+    if crow.dim() != 1 or crow.shape[0] != out_features + 1:
+        raise ValueError(f"{where}: crow_indices has shape {list(crow.shape)}, expected [{out_features + 1}]")
+    if col.dim() != 1 or values.dim() != 1 or col.shape[0] != values.shape[0]:
+        raise ValueError(f"{where}: col_indices {list(col.shape)} and values {list(values.shape)} must be 1-D "
+                         "and of one length (nnz)")
+    if crow.dtype not in (torch.int32, torch.int64) or col.dtype != crow.dtype:
+        raise ValueError(f"{where}: indices must both be int32 or int64, got {crow.dtype} and {col.dtype}")
+    if values.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise ValueError(f"{where}: values ({values.dtype}) and bias must have the input's dtype {input.dtype}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{where}: bias has shape {list(bias.shape)}, expected [{out_features}]")
+
+
+def csr_addmm(rows: torch.Tensor, crow, col, values, out_features: int, in_features: int,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``rows @ W.T + bias`` for a 2-D ``rows`` [M >= 1, in] and W [out, in] given by its CSR arrays: [M, out].
+
+    Several rows are ``addmm(bias, W, rows^T)``, transposed back. The result is made contiguous, as
+    ``aten.linear``'s is (a later ``view`` may need it); that copy is part of the measured cost. One row is
+    ``addmv`` when W has at least :data:`CSR_MV_MIN_NONZEROS` nonzeros, else the same 1-column ``addmm``.
+    """
+    if values.dtype not in _CSR_NATIVE_DTYPES:  # (a branch, not .to() calls: this runs per layer and call)
+        rows, values, bias = rows.float(), values.float(), bias.float() if bias is not None else None
+    weight = torch.sparse_csr_tensor(crow, col, values, (out_features, in_features), check_invariants=False)
+    if rows.shape[0] == 1 and values.shape[0] >= CSR_MV_MIN_NONZEROS:
+        vector = weight @ rows[0] if bias is None else torch.addmv(bias, weight, rows[0])
+        return vector.unsqueeze(0)
+    product = weight @ rows.T if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows.T)
+    return product.T.contiguous()
+
+
+@torch.library.impl(_LIBRARY, "csr_linear", "CompositeExplicitAutograd")
+def _csr_linear_kernel(input, crow_indices, col_indices, values, out_features: int, in_features: int,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(input, W, bias)`` with W [out, in] in CSR form; input may have any leading dims."""
+    _check_csr_linear(input, crow_indices, col_indices, values, out_features, in_features, bias)
+    rows = input if input.dim() == 2 else input.reshape(-1, in_features)
+    if rows.shape[0] == 0:
+        return input.new_zeros((*input.shape[:-1], out_features))
+    out = csr_addmm(rows, crow_indices, col_indices, values, out_features, in_features, bias)
+    out = out if out.dtype == input.dtype else out.to(input.dtype)
+    return out if input.dim() == 2 else out.reshape(*input.shape[:-1], out_features)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::csr_linear", lib=_LIBRARY)
+def _csr_linear_fake(input, crow_indices, col_indices, values, out_features, in_features, bias):
+    _check_csr_linear(input, crow_indices, col_indices, values, out_features, in_features, bias)
+    return input.new_empty((*input.shape[:-1], out_features))

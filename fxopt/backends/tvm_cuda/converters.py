@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+from fxopt.backends.tvm_cuda.sparse import csr_linear_densified
+
 
 def _activation(name: str) -> Callable:
     from tvm import relax
@@ -280,6 +282,7 @@ FXOPT_CONVERTERS: Dict[str, Callable] = {
     "matmul.default": _matmul,
     "addmm.default": _addmm,
     "dequantize_int4_grouped.default": _dequantize_int4_grouped,
+    "csr_linear.default": csr_linear_densified,  # sparse.py: densified at build time; a sparse kernel is opt-in
     "quantize_per_tensor.default": _quantize_per_tensor,
     "quantize_per_tensor.tensor": _quantize_per_tensor,
     "dequantize_per_tensor.default": _dequantize_per_tensor,
