@@ -3,12 +3,15 @@
     fxopt optimize MODULE:FACTORY --target x86-int8 [--preset P | --passes SPEC] [--tolerance T] --out DIR
     fxopt run DIR --inputs inputs.safetensors [--outputs outputs.safetensors]
     fxopt passes
+    fxopt report DIR [--html report.html]
 
 ``MODULE:FACTORY`` names a function (importable from the current directory)
 that returns ``(model, example_inputs)``, or ``(model, example_inputs,
 calibration_data)`` where calibration data is a list of input tuples. ``run``
 reads the inputs from a safetensors file, by the graph's input names (or
 ``input_0``, ``input_1``, ... in order), and writes the output tensors to one.
+``report`` prints a short summary of a saved artifact's report and, with
+``--html``, writes the full report page (fxopt.report.html).
 """
 from __future__ import annotations
 
@@ -54,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     passes = commands.add_parser("passes", help="list the registered passes, their options and the presets")
     passes.set_defaults(handler=_passes)
+    report = commands.add_parser("report", help="summarize a saved artifact's report; --html writes the full page")
+    report.add_argument("artifact")
+    report.add_argument("--html", help="write a self-contained HTML report (plots, graphs, per-pass stats) here")
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -133,6 +140,22 @@ def _passes(args) -> int:
     print("\npresets:")
     for name, spec in registered_presets().items():
         print(f"  {name:30s} {spec}")
+    return 0
+
+
+def _report(args) -> int:
+    from fxopt.backends.artifact import load_artifact
+    from fxopt.report.html import write_html
+    from fxopt.report.summary import text_summary
+    graph, manifest = load_artifact(args.artifact)  # checks the manifest and every file's checksum
+    extra = manifest.get("extra") or {}
+    report = dict(extra.get("report") or {})
+    report.setdefault("target", manifest.get("target"))
+    report.setdefault("pipeline", extra.get("pipeline"))
+    ops = sum(1 for n in graph.nodes if n.op == "call_function")
+    print(f"artifact {args.artifact}\n" + text_summary(report, graph_ops=ops))
+    if args.html:
+        print(f"wrote {write_html(report, args.html, graph_after=graph)}")
     return 0
 
 
