@@ -34,6 +34,8 @@ from fxopt.passes import Pipeline
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.mixed_precision import run_outputs
+from fxopt.report.graph_svg import graph_outline
+from fxopt.report.layer_error import per_layer_error
 from fxopt.search import Candidate, Tolerance, measure_and_choose, parse_tolerance, run_outputs_of
 
 TARGETS = ("eager", "x86-int8", "cuda")
@@ -74,6 +76,11 @@ class OptimizedModel:
             out["original_size_bytes"] = self.original_graph.size_bytes()
         return out
 
+    def html_report(self, path: Union[str, Path]) -> Path:
+        """Write the HTML report (candidates, Pareto plot, per-layer error, graphs before/after) to ``path``."""
+        from fxopt.report.html import write_html
+        return write_html(_jsonable(self.report()), path, graph_after=self.graph)
+
     def save(self, directory: Union[str, Path]) -> Path:
         """Write an artifact directory (atomically) that :func:`load` reads back without the model's source."""
         from fxopt.backends.artifact import save_artifact
@@ -99,23 +106,28 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: str 
     original = capture(model, example_inputs)
     result = pipeline(original)
     stats: Dict[str, Any] = {"passes": result.stats}
+    stats["graph_before"] = graph_outline(original)
     if tolerance is not None:
         if target == "cuda":
             raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
                              "measure every candidate on the GPU; drop tolerance (cuda builds one float16 "
                              "pipeline, relative error ~1e-3 on BERT), or search with target='x86-int8'/'eager'")
-        return _search(original, result.graph, pipeline.spec, example_inputs, target, calibration_data,
-                       parse_tolerance(tolerance, metric), stats, progress)
-    if target == "eager":
-        return OptimizedModel(eager.lower(result.graph), result.graph, target, pipeline.spec, original, stats)
-    if target == "cuda":
-        return _optimize_cuda(original, result.graph, pipeline.spec, stats)
-    started = time.perf_counter()
-    quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, progress=progress)
-    stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
-    runner = x86_int8.lower(quantized)
-    stats["lowering"] = runner.report.as_dict()
-    return OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
+        optimized = _search(original, result.graph, pipeline.spec, example_inputs, target, calibration_data,
+                            parse_tolerance(tolerance, metric), stats, progress)
+    elif target == "eager":
+        optimized = OptimizedModel(eager.lower(result.graph), result.graph, target, pipeline.spec, original, stats)
+    elif target == "cuda":
+        return _optimize_cuda(original, result.graph, pipeline.spec, stats)  # its error is on the GPU, not here
+    else:
+        started = time.perf_counter()
+        quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, progress=progress)
+        stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
+        runner = x86_int8.lower(quantized)
+        stats["lowering"] = runner.report.as_dict()
+        optimized = OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
+    # layer by layer against the pipeline's graph (whose node names the lossy steps keep), on the example inputs
+    stats["per_layer_error"] = per_layer_error(result.graph, optimized.graph, tuple(example_inputs))
+    return optimized
 
 
 def _optimize_cuda(original: Graph, graph: Graph, spec: str, stats: Dict[str, Any]) -> OptimizedModel:
@@ -135,7 +147,7 @@ def _search(original: Graph, fused: Graph, spec: str, example_inputs, target: st
         print(f"fxopt search ({target}, tolerance {tolerance.describe()}), measured on this machine:\n"
               f"{found.table()}")
     chosen = found.chosen
-    stats.update(chosen.stats, search=found.as_dict(), latency_ms=chosen.latency_ms,
+    stats.update(chosen.stats, search=found.as_dict(), latency_ms=chosen.latency_ms, tolerance={tolerance.kind: tolerance.bound},
                  original_latency_ms=found.original_latency_ms, candidates=[c.as_dict() for c in candidates])
     return OptimizedModel(chosen.runner, chosen.graph, chosen.target, chosen.pipeline, original, stats)
 

@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--target", default="eager", choices=TARGETS)
     opt.add_argument("--preset", choices=sorted(PRESETS))
     opt.add_argument("--passes", help="a pipeline spec, e.g. 'cleanup,fuse-epilogue'")
-    opt.add_argument("--tolerance", type=float, help="x86-int8: keep layers in float until the error is within it")
+    opt.add_argument("--tolerance", type=_tolerance,
+                     help="search the candidates and keep the fastest within it: cosine=0.99, max_rel_err=0.01, "
+                          "or a number (max relative error)")
     opt.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
     opt.set_defaults(handler=_optimize)
     run = commands.add_parser("run", help="run a saved artifact on inputs from a safetensors file")
@@ -77,6 +79,15 @@ def _optimize(args) -> int:
           f"{report['size_bytes'] / 1e6:.2f} MB (was {report['original_size_bytes'] / 1e6:.2f} MB); "
           f"pipeline {optimized.pipeline}")
     return 0
+
+
+def _tolerance(text: str):
+    """``cosine=0.99`` -> {"cosine": 0.99}; a bare number is a max relative error."""
+    key, sep, value = text.partition("=")
+    try:
+        return {key.strip(): float(value)} if sep else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not cosine=C, max_rel_err=E or a number") from None
 
 
 def _call_factory(spec: str):

@@ -68,7 +68,7 @@ class Tolerance:
 
     def describe(self) -> str:
         name = "metric" if self.kind == "metric" else self.kind
-        return f"{name} {'>=' if self.kind == 'cosine' else '<='} {self.bound:g}"
+        return f"{name} {'>=' if self.kind == 'cosine' else '<='} {self.bound:.10g}"
 
 
 def parse_tolerance(tolerance: Any, metric: Optional[Callable] = None) -> Tolerance:

@@ -68,3 +68,20 @@ def test_bad_factory_and_missing_inputs_give_clear_errors(tmp_path, capsys):
     save_file({"y": torch.zeros(4, 16)}, str(tmp_path / "in.safetensors"))
     assert main(["run", str(tmp_path / "a"), "--inputs", str(tmp_path / "in.safetensors")]) == 2
     assert "no tensor named x" in capsys.readouterr().err
+
+
+def test_optimize_with_a_tolerance_searches_and_the_report_shows_it(tmp_path, capsys):
+    out = tmp_path / "artifact"
+    assert main(["optimize", "tests.test_cli:factory_with_calibration", "--target", "x86-int8",
+                 "--tolerance", "cosine=0.9999999", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fxopt search (x86-int8, tolerance cosine >= 0.9999999)" in printed
+    assert main(["report", str(out), "--html", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "int8" in page and "<svg" in page  # both candidates, the Pareto plot
+
+
+def test_a_malformed_tolerance_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["optimize", "tests.test_cli:factory", "--tolerance", "cosine:0.9", "--out", "x"])
+    assert "is not cosine=C, max_rel_err=E or a number" in capsys.readouterr().err
