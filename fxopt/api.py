@@ -31,7 +31,8 @@ from fxopt.backends import x86_int8
 from fxopt.errors import ArtifactError, InputError
 from fxopt.ir import Graph, capture
 from fxopt.passes import Pipeline
-from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
+from fxopt.passes.lowrank import LowRank
+from fxopt.passes.quantize import calibrate, calibrate_smoothed, choose_float_layers
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.mixed_precision import run_outputs
 from fxopt.report.graph_svg import graph_outline
@@ -41,6 +42,8 @@ from fxopt.search import Candidate, Tolerance, measure_and_choose, parse_toleran
 TARGETS = ("eager", "x86-int8", "cuda")
 #: Pipelines a preset names, per target (quantization is added by the x86-int8 target itself).
 PRESETS = {"fast": "fuse", "balanced": "fuse", "small": "fuse"}
+#: Low-rank candidates of the search: the share of the factored linears' weights each keeps.
+LOW_RANK_RATIOS = (0.75, 0.5)
 #: The cuda target's pipeline: fxopt's attention kernel takes the whole attention, cuBLASLt the GEMMs
 #: (the fastest measured on the H100, benchmarks/results/gpu_bert_norm_act.md); epilogue fusion is TVM's.
 CUDA_PIPELINE = "cleanup,fuse-attention"
@@ -156,6 +159,7 @@ def _candidates(original: Graph, fused: Graph, spec: str, target: str, batches, 
                 progress: bool):
     """Every candidate pipeline for ``target``, built (not yet measured): float first, then compressed ones."""
     yield Candidate("float", spec, fused, eager.lower(fused), "eager", compressed=False)
+    yield from _low_rank_candidates(fused, spec, batches, progress)
     if target != x86_int8.TARGET:
         return
     calibrated = calibrate_for_x86(fused, batches, progress)
@@ -164,6 +168,17 @@ def _candidates(original: Graph, fused: Graph, spec: str, target: str, batches, 
     mixed = _mixed_precision_candidate(original, calibrated, spec, batches, tolerance, progress)
     if mixed is not None:
         yield mixed
+
+
+def _low_rank_candidates(fused: Graph, spec: str, batches, progress: bool):
+    """Float candidates whose linears are factored (whitened SVD) to keep :data:`LOW_RANK_RATIOS` of their weights."""
+    calibrated = calibrate(fused, batches, progress=progress)  # low-rank reads the activations it keeps
+    for ratio in LOW_RANK_RATIOS:
+        step = LowRank(ratio=ratio, activation_aware=True, statistic="covariance")
+        result = step(calibrated)
+        if result.modified:
+            yield Candidate(f"low-rank {ratio:g}", f"{spec},{step.spec()}", result.graph, eager.lower(result.graph),
+                            "eager", compressed=True, stats={"low_rank": result.stats})
 
 
 def _mixed_precision_candidate(original: Graph, calibrated: Graph, spec: str, batches, tolerance: Tolerance,
