@@ -405,7 +405,7 @@ def markdown(result: dict) -> str:
         f"Machine: {m['platform']}; CPU {m['cpu']}, {m['cpus']} logical CPUs, torch threads {m['torch_threads']}; "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
         f"onnxruntime {m['onnxruntime'] or 'not installed'}; fxopt {m['fxopt']} (git {m['git']}), "
-        f"detected ISA **{m['fxopt_isa']}** ({'exact 8-bit accumulation' if m['isa_exact_8bit'] else 'no VNNI: 7-bit activation codes'})"
+        f"detected ISA **{m['fxopt_isa']}** ({'exact 8-bit accumulation' if m['isa_exact_8bit'] else 'no VNNI: 7-bit weights, 8-bit activations'})"
         + (f", oneDNN ISA cap {m['onednn_isa_env']}" if m['onednn_isa_env'] else "") + ".",
         "",
         f"Date: {result['date']}; {result['seconds']:.0f} s in all"
