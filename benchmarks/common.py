@@ -57,3 +57,20 @@ def vit_base(batch: int = 8):
 
 
 MODELS = {"bert": bert_base, "gpt2": gpt2_small, "vit": vit_base}
+
+
+def minilm_halves(sentences: int, batch: int = 32, max_length: int = 64) -> dict:
+    """The MiniLM fidelity protocol of the benchmarks: the real model and tokenizer, ``sentences`` real sentences
+    split in halves (calibration, evaluation; batches padded to ``max_length``), the captured fp32 graph and its
+    mean-pooled embeddings of the evaluation half (the reference)."""
+    import fxopt
+    from fxopt.data import minilm, real_sentences
+    from fxopt.report.embeddings import sentence_batches, sentence_embeddings
+    model, tokenizer = minilm()
+    texts = real_sentences(sentences)
+    half = sentences // 2
+    calibration = sentence_batches(tokenizer, texts[:half], batch, max_length)
+    evaluation = sentence_batches(tokenizer, texts[half:], batch, max_length)
+    graph = fxopt.capture(model, calibration[0])
+    return {"model": model, "tokenizer": tokenizer, "calibration": calibration, "evaluation": evaluation,
+            "graph": graph, "reference": sentence_embeddings(graph, evaluation)}

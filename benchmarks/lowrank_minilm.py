@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import fxopt  # noqa: E402
-from fxopt.data import minilm, real_sentences  # noqa: E402
-from fxopt.report.embeddings import embedding_agreement, sentence_batches, sentence_embeddings  # noqa: E402
+from benchmarks.common import minilm_halves  # noqa: E402
+from fxopt.report.embeddings import embedding_agreement, sentence_embeddings  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -123,13 +123,9 @@ def main(argv=None) -> str:
                                                       "lowrank_minilm.md"))
     args = parser.parse_args(argv)
     start = time.time()
-    model, tokenizer = minilm()
-    sentences = real_sentences(args.sentences)
-    half = args.sentences // 2
-    calibration = sentence_batches(tokenizer, sentences[:half], BATCH, MAX_LENGTH)
-    evaluation = sentence_batches(tokenizer, sentences[half:], BATCH, MAX_LENGTH)
-    graph = fxopt.capture(model, calibration[0])
-    reference = sentence_embeddings(graph, evaluation)
+    data = minilm_halves(args.sentences, BATCH, MAX_LENGTH)
+    graph, reference = data["graph"], data["reference"]
+    calibration, evaluation = data["calibration"], data["evaluation"]
     calibrated = fxopt.calibrate(graph, calibration, progress=False)
     rules = [f"rank={r}" for r in args.ranks.split(",") if r] + [f"ratio={r}" for r in args.ratios.split(",") if r]
     rows = []

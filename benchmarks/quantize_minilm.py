@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import fxopt  # noqa: E402
-from fxopt.data import minilm, real_sentences  # noqa: E402
+from benchmarks.common import minilm_halves  # noqa: E402
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers  # noqa: E402
 from fxopt.report.embeddings import (  # noqa: E402
-    embedding_agreement, pooled_cosine_distance, sentence_batches, sentence_embeddings,
+    embedding_agreement, pooled_cosine_distance, sentence_embeddings,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -196,13 +196,9 @@ def main(argv=None) -> str:
                                                       "quantize_minilm.md"))
     args = parser.parse_args(argv)
     start = time.time()
-    model, tokenizer = minilm()
-    sentences = real_sentences(args.sentences)
-    half = args.sentences // 2
-    calibration = sentence_batches(tokenizer, sentences[:half], BATCH, MAX_LENGTH)
-    evaluation = sentence_batches(tokenizer, sentences[half:], BATCH, MAX_LENGTH)
-    graph = fxopt.capture(model, calibration[0])
-    reference = sentence_embeddings(graph, evaluation)
+    data = minilm_halves(args.sentences, BATCH, MAX_LENGTH)
+    model, graph, reference = data["model"], data["graph"], data["reference"]
+    calibration, evaluation = data["calibration"], data["evaluation"]
     rows = []
     for name, build in fxopt_schemes(graph, calibration):
         rows.append(measure_fxopt(name, build, reference, evaluation))
