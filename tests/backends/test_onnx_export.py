@@ -35,14 +35,19 @@ pytestmark = pytest.mark.skipif(
 
 QD = torch.ops.quantized_decomposed
 FLOAT_TOL = 1e-5  # tests/harness.py's float32 tolerance
+ORT_FUSED_TOL = 2e-2  # ORT's fused int8 GEMMs: exact with VNNI; on AVX2 they saturate (measured 6.5e-3 here)
 INT8_TOL = 1e-5  # measured <= 1.6e-7 for the model below: no code flips, only float rounding
 MINILM_COSINE = 0.999
 
 
-def ort_session(path, disabled_optimizers=(), optimized_path=None):
+def ort_session(path, disabled_optimizers=(), optimized_path=None, reference_ops=False):
+    """``reference_ops``: no graph optimization, so Q/DQ and MatMul run as the ONNX spec defines them (on CPUs
+    without VNNI, ORT's fused u8 GEMMs saturate on full-range activations the way oneDNN's do)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if reference_ops:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -79,8 +84,9 @@ def int8_initializers(path):
     return [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
 
 
-def assert_ort_matches(optimized, path, inputs, tol):
-    expected, actual = outputs_of(optimized.graph.run, inputs), outputs_of(ort_runner(ort_session(path)), inputs)
+def assert_ort_matches(optimized, path, inputs, tol, reference_ops=False):
+    session = ort_session(path, reference_ops=reference_ops)
+    expected, actual = outputs_of(optimized.graph.run, inputs), outputs_of(ort_runner(session), inputs)
     assert len(actual) == len(expected)
     for a, b in zip(expected, actual):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -187,6 +193,12 @@ def initializer_bytes(path, data_type) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.data_type == data_type)
 
 
+def weight_only_linears(graph) -> int:
+    """Linears reading an int8 weight but a float (not dequantized) activation."""
+    return sum(1 for dq in graph.call_nodes(QD.dequantize_per_channel.default) for user in dq.users
+               if getattr(user.args[0], "target", None) != QD.dequantize_per_tensor.default)
+
+
 def test_int8_model_exports_qdq_and_int8_weights(int8_export):
     import onnx
 
@@ -195,7 +207,8 @@ def test_int8_model_exports_qdq_and_int8_weights(int8_export):
     counts = op_counts(path)
     activations = count(graph, QD.quantize_per_tensor.default)
     weights = count(graph, QD.dequantize_per_channel.default)
-    assert activations == count(graph, QD.dequantize_per_tensor.default) >= 4 and weights >= 5
+    # >= 2: on a CPU without VNNI, optimize keeps the most sensitive quarter of the linears weight-only
+    assert activations == count(graph, QD.dequantize_per_tensor.default) >= 2 and weights >= 5
     assert counts["QuantizeLinear"] == activations
     assert counts["DequantizeLinear"] == activations + weights
     stored = int8_initializers(path)
@@ -218,7 +231,8 @@ def test_int8_model_matches_fxopt_in_onnx_runtime(int8_export):
     optimized, path = int8_export
     for seed in range(5):
         x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(100 + seed))
-        assert_ort_matches(optimized, path, (x,), INT8_TOL)
+        assert_ort_matches(optimized, path, (x,), INT8_TOL, reference_ops=True)  # the exported semantics
+        assert_ort_matches(optimized, path, (x,), ORT_FUSED_TOL)  # ORT's own int8 kernels
 
 
 def test_onnx_runtime_fuses_the_qdq_linears_into_int8_kernels(int8_export, tmp_path):
@@ -229,11 +243,12 @@ def test_onnx_runtime_fuses_the_qdq_linears_into_int8_kernels(int8_export, tmp_p
     session = ort_session(path, ["MatMulAddFusion"], optimized)
     counts = op_counts(optimized)
     weights = count(int8_model.graph, QD.dequantize_per_channel.default)
-    assert counts["MatMulIntegerToFloat"] + counts["QGemm"] == weights
-    assert counts["DequantizeLinear"] == 0
+    weight_only = weight_only_linears(int8_model.graph)  # float activations: DQ(W) -> MatMul stays as it is
+    assert counts["MatMulIntegerToFloat"] + counts["QGemm"] == weights - weight_only
+    assert counts["DequantizeLinear"] <= weight_only  # ORT may fold a weight-only layer's DQ into a float weight
     x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(7))
     fused, reference = ort_runner(session)(x)[0], int8_model.graph.run(x)
-    assert relative_error(reference, fused) <= INT8_TOL
+    assert relative_error(reference, fused) <= ORT_FUSED_TOL
 
 
 # =============================================================== errors
