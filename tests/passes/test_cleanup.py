@@ -31,9 +31,10 @@ def test_cleanup_preset_keeps_outputs_and_removes_redundancy(case):
     cleaned = result.graph
     for target in (aten.alias.default, aten.dropout.default):
         assert count(cleaned, target) == 0, f"{target} survived cleanup:\n{cleaned.format()}"
-    for clone in cleaned.call_nodes(aten.clone.default):  # only layout-changing copies may stay
+    for clone in cleaned.call_nodes(aten.clone.default):  # only layout-changing copies, or ones a view reads
         before, after = clone.args[0].meta["val"], clone.meta["val"]
-        assert before.stride() != after.stride(), f"%{clone.name} copies without changing the layout"
+        read_by_view = any(u.target in (aten.view.default, aten._unsafe_view.default) for u in clone.users)
+        assert read_by_view or before.stride() != after.stride(), f"%{clone.name} copies without changing the layout"
     # Running cleanup again finds nothing left to do: the preset reaches a fixed point.
     again = fxopt.Pipeline("cleanup")(cleaned)
     assert len(again.graph) == len(cleaned)
