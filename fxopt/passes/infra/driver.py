@@ -119,6 +119,9 @@ def apply_patterns(graph: Graph, patterns: Sequence[PatternBase], max_iterations
         fired = _one_sweep(graph, patterns, stats, declined_roots)
         if not fired:
             return stats
+        # The graph changed: a rewrite declined in this sweep may apply now (a copy kept because a view read
+        # it, once the view is gone), so every match is looked at again in the next sweep.
+        declined_roots.clear()
         stats.iterations += 1
         history.append(fired)
         if stats.iterations >= max_iterations:
