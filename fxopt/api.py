@@ -37,7 +37,7 @@ from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.mixed_precision import run_outputs
 from fxopt.report.graph_svg import graph_outline
 from fxopt.report.layer_error import per_layer_error
-from fxopt.search import Candidate, Tolerance, measure_and_choose, parse_tolerance, run_outputs_of
+from fxopt.search import Candidate, Tolerance, held_out_split, measure_and_choose, parse_tolerance, run_outputs_of
 
 TARGETS = ("eager", "x86-int8", "cuda")
 #: Pipelines a preset names, per target (quantization is added by the x86-int8 target itself).
@@ -144,14 +144,16 @@ def _optimize_cuda(original: Graph, graph: Graph, spec: str, stats: Dict[str, An
 def _search(original: Graph, fused: Graph, spec: str, example_inputs, target: str, calibration_data,
             tolerance: Tolerance, stats: Dict[str, Any], progress: bool) -> OptimizedModel:
     batches = _calibration_batches(example_inputs, calibration_data, warn=target != "eager")
-    candidates = list(_candidates(original, fused, spec, target, batches, tolerance, progress))
-    found = measure_and_choose(candidates, original, batches, example_inputs, tolerance)
+    fit, check = held_out_split(batches)
+    candidates = list(_candidates(original, fused, spec, target, fit, tolerance, progress))
+    found = measure_and_choose(candidates, original, check, example_inputs, tolerance)
     if progress:
         print(f"fxopt search ({target}, tolerance {tolerance.describe()}), measured on this machine:\n"
               f"{found.table()}")
     chosen = found.chosen
     stats.update(chosen.stats, search=found.as_dict(), latency_ms=chosen.latency_ms, tolerance={tolerance.kind: tolerance.bound},
-                 original_latency_ms=found.original_latency_ms, candidates=[c.as_dict() for c in candidates])
+                 original_latency_ms=found.original_latency_ms, candidates=[c.as_dict() for c in candidates],
+                 fidelity_batches={"fit": len(fit), "held_out": len(check) if check is not fit else 0})
     return OptimizedModel(chosen.runner, chosen.graph, chosen.target, chosen.pipeline, original, stats)
 
 

@@ -15,7 +15,9 @@ model's, over the calibration batches:
   both are lists (one per batch) of lists of output tensors, as
   :func:`fxopt.passes.quantize.mixed_precision.run_outputs` gives them.
 
-Every candidate is *measured*: fidelity on the calibration batches, latency
+Every candidate is *measured*: fidelity on calibration batches it was not fitted on
+(:func:`held_out_split`: the last quarter, at least one batch, is held out; a
+low-rank factorisation whitened on few samples would otherwise look exact), latency
 as the median of interleaved runs on the example inputs, all candidates and
 the original model in the same loop (``fxopt.report.timing.compare_latency``),
 so the ranking is by time on this machine, never by MACs. The search does not
@@ -24,6 +26,7 @@ stop at the first candidate that passes: it builds them all, then picks.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -117,6 +120,22 @@ def _per_sample(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if rows:
         return torch.cat([t.detach().double().reshape(rows, -1) for t in tensors], dim=1)
     return torch.cat([t.detach().double().reshape(1, -1) for t in tensors], dim=1)
+
+
+def held_out_split(batches: Sequence[tuple]):
+    """``(fit, check)``: candidates are built on ``fit`` and judged on ``check``, the last quarter of the batches.
+
+    With one batch there is nothing to hold out: both are that batch, and a warning says the fidelity
+    is measured on the data the candidates were fitted to.
+    """
+    batches = list(batches)
+    if len(batches) < 2:
+        warnings.warn("optimize(tolerance=...): one calibration batch, so candidates are judged on the data they "
+                      "were fitted to and may look better than they are; pass at least 2 batches (the last "
+                      "quarter is held out to measure fidelity)", stacklevel=3)
+        return batches, batches
+    held = max(1, len(batches) // 4)
+    return batches[:-held], batches[-held:]
 
 
 # ------------------------------------------------------------------ candidates

@@ -18,9 +18,10 @@ so between grid points it errs towards dense. Measured by
 - sparse_linear_1thread.md, this machine (2 Zen 1 cores, MKL), 1 thread:
   one row 0.3 in three runs, 32 rows 0.1 in two and 0.3 in the third (the
   load average was 6-8 throughout); the values below, the lower one for 32 rows;
-- sparse_linear.md, this machine at 2 threads: taken while other jobs kept
-  the load average at 6-8, so its timings are noise (dense GEMMs 10x slower
-  than when quiet); to be re-run on a quiet machine, then these updated;
+- sparse_linear.md, this machine at 2 threads (the default here), quiet
+  (load average 1.1-1.4): one row 0.5, 32 rows 0.3. Fewer threads move the
+  crossovers down, so the constants keep the 1-thread values: CSR then wins at
+  either thread count;
 - sparse_linear_xeon.md, the GPU host's Xeon at 2 threads, quiet: one row
   0.05-0.1, 32 rows 0.1-0.3 over five runs.
 """
@@ -33,10 +34,10 @@ import torch
 from fxopt.ir import meta as M
 
 #: CSR beats dense at or below this density when the linear multiplies one row (batch 1, no sequence dim).
-#: Measured: benchmarks/results/sparse_linear_1thread.md (batch 1 rows; see the module docstring).
+#: Measured: benchmarks/results/sparse_linear_1thread.md and sparse_linear.md (2 threads: 0.5); see the docstring.
 CSR_MAX_DENSITY_ONE_ROW = 0.3
 #: CSR beats dense at or below this density when the linear multiplies several rows (or a dynamic number).
-#: Measured: benchmarks/results/sparse_linear_1thread.md (batch 32 rows; see the module docstring).
+#: Measured: benchmarks/results/sparse_linear_1thread.md and sparse_linear.md (2 threads: 0.3); see the docstring.
 CSR_MAX_DENSITY_MANY_ROWS = 0.1
 #: The index dtype of the CSR arrays (the benchmark's int64 variant was slower).
 INDEX_DTYPE = torch.int32
