@@ -4,6 +4,7 @@ from fxopt.passes import fusion  # noqa: F401  (registers the fusion passes and 
 from fxopt.passes import quantize  # noqa: F401  (registers insert-qdq)
 from fxopt.passes import sparse  # noqa: F401  (registers sparsify)
 from fxopt.passes import lowrank, share_params  # noqa: F401  (registers low-rank and share-params)
+from fxopt.passes import prune  # noqa: F401  (registers prune-channels, prune-heads, prune-ffn)
 from fxopt.passes.infra import *  # noqa: F401,F403
 from fxopt.passes.infra import __all__ as _infra_all
 

@@ -159,15 +159,21 @@ def _clone_float_parameters(graph: Graph, exclude) -> List[str]:
 
 # ------------------------------------------------------------------ training
 def fine_tune(trainable: TrainableGraph, data: Iterable, loss_fn: Callable, steps: int, lr: float,
-              optimizer: str = "adam", progress: bool = True) -> List[float]:
-    """Train ``trainable``'s tensors in place for ``steps`` steps; returns the loss of every step."""
+              optimizer: str = "adam", progress: bool = True, desc: str = "qat", decay: bool = False) -> List[float]:
+    """Train ``trainable``'s tensors in place for ``steps`` steps; returns the loss of every step.
+
+    ``decay``: the learning rate falls linearly from ``lr`` to 0 over the steps (else it stays ``lr``).
+    """
     _check_schedule(steps, lr, optimizer)
     opt = OPTIMIZERS[optimizer](trainable.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps) if decay else None
     losses: List[float] = []
-    bar = _progress_bar(steps, progress)
+    bar = _progress_bar(steps, progress, desc)
     with torch.enable_grad():
         for inputs, target in itertools.islice(_batches(data), steps):
             loss = _step(trainable.graph, opt, inputs, target, loss_fn)
+            if schedule is not None:
+                schedule.step()
             losses.append(loss)
             bar.update()
             bar.set_postfix(loss=f"{loss:.4g}")
@@ -220,10 +226,10 @@ def _repeat(data: Iterable) -> Iterator:
             return
 
 
-def _progress_bar(steps: int, enabled: bool):
+def _progress_bar(steps: int, enabled: bool, desc: str = "qat"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, desc="qat", unit="step", disable=not enabled, leave=False)
+    return tqdm(total=steps, desc=desc, unit="step", disable=not enabled, leave=False)
 
 
 # ------------------------------------------------------------------- freezing
