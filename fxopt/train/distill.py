@@ -16,6 +16,7 @@ The student graph given is not changed; the trained one is returned.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Sequence
@@ -194,5 +195,6 @@ def save_loss_curve(losses: Sequence[float], path: str) -> None:
     ax.set_yscale("log" if min(losses) > 0 else "linear")
     ax.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png")
     plt.close(fig)

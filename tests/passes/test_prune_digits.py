@@ -14,48 +14,23 @@ across torch versions, so the test uses the wider one.
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
+from tests.digits_data import BATCH, SEED, accuracy, load_split, shuffled_batches, train
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
-sklearn_split = pytest.importorskip("sklearn.model_selection")
-
-SEED, BATCH, EPOCHS, DISTILL_STEPS, DISTILL_LR = 0, 64, 10, 200, 2e-3
-
-
-def accuracy(fn, images, labels) -> float:
-    with torch.no_grad():
-        return (fn(images).argmax(dim=1) == labels).float().mean().item() * 100
-
-
-def shuffled_batches(images, labels, generator):
-    order = torch.randperm(len(images), generator=generator)
-    return [(images[order[i:i + BATCH]], labels[order[i:i + BATCH]]) for i in range(0, len(images), BATCH)]
+DISTILL_STEPS, DISTILL_LR = 200, 2e-3
 
 
 def train_cnn(images, labels) -> nn.Module:
     torch.manual_seed(SEED)
-    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(SEED)
-    for _ in range(EPOCHS):
-        for x, y in shuffled_batches(images, labels, generator):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
+    return train(nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                               nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                               nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 4 * 4, 10)), images, labels)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    images, labels = sklearn_datasets.load_digits(return_X_y=True)
-    images = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    x_train, x_test, y_train, y_test = sklearn_split.train_test_split(
-        images, torch.tensor(labels), test_size=540, random_state=SEED, stratify=labels)
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    return load_split()
 
 
 @pytest.fixture(scope="module")

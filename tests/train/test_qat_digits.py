@@ -17,18 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
+from tests.digits_data import BATCH, SEED, accuracy, load_split, shuffled_batches, train
 from tests.harness import count
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
-sklearn_split = pytest.importorskip("sklearn.model_selection")
-
-SEED, BATCH, EPOCHS, QAT_STEPS, QAT_LR = 0, 64, 10, 100, 1e-4
+QAT_STEPS, QAT_LR = 100, 1e-4
 QD = torch.ops.quantized_decomposed
-
-
-def accuracy(fn, images, labels) -> float:
-    with torch.no_grad():
-        return (fn(images).argmax(dim=1) == labels).float().mean().item() * 100
 
 
 def count_int8_ops(graph):
@@ -36,32 +29,15 @@ def count_int8_ops(graph):
     return count(graph, QD.dequantize_per_channel.default), count(graph, QD.dequantize_per_tensor.default)
 
 
-def shuffled_batches(images, labels, generator):
-    order = torch.randperm(len(images), generator=generator)
-    return [(images[order[i:i + BATCH]], labels[order[i:i + BATCH]]) for i in range(0, len(images), BATCH)]
-
-
 def train_cnn(images, labels) -> nn.Module:
     torch.manual_seed(SEED)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(SEED)
-    for _ in range(EPOCHS):
-        for x, y in shuffled_batches(images, labels, generator):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
+    return train(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                               nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)), images, labels)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    images, labels = sklearn_datasets.load_digits(return_X_y=True)
-    images = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    x_train, x_test, y_train, y_test = sklearn_split.train_test_split(
-        images, torch.tensor(labels), test_size=540, random_state=SEED, stratify=labels)
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    return load_split()
 
 
 @pytest.fixture(scope="module")
