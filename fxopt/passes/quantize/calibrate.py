@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from fxopt.errors import PassError
+from fxopt.errors import InputError, PassError
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
 from fxopt.ir.ops import fxopt_ops
@@ -90,6 +90,14 @@ class _ObservingInterpreter(fx.Interpreter):
         return value
 
 
+def _check_calibration_batch(graph: Graph, inputs: tuple, index: int) -> None:
+    """The graph's input check, its message prefixed with which calibration batch failed it."""
+    try:
+        graph.check_inputs(inputs)
+    except InputError as exc:
+        raise InputError(f"calibrate: calibration batch {index}: {exc}") from None
+
+
 def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: str = "minmax",
               qdtype: str = "int8", scheme: str = "asymmetric", progress: bool = True,
               max_batches: Optional[int] = None, sample_batches: int = 4, **observer_options) -> Graph:
@@ -113,9 +121,9 @@ def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: st
     interpreter = _ObservingInterpreter(graph.module, watched)
     batches, sample = 0, []
     with torch.no_grad():
-        for batch in _progress(data, progress, max_batches):
+        for index, batch in enumerate(_progress(data, progress, max_batches)):
             inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-            graph.check_inputs(inputs)
+            _check_calibration_batch(graph, inputs, index)
             interpreter.run(*inputs)
             if len(sample) < sample_batches:
                 sample.append(inputs)
