@@ -38,6 +38,10 @@ class DeviceError(LoweringError):
     """The target's device is not on this machine (``cuda`` without a GPU): code generation works, running does not."""
 
 
+class PartitionWarning(UserWarning):
+    """Part of a graph runs in PyTorch because the target cannot lower it (the warning names the ops)."""
+
+
 class ArtifactError(FxoptError):
     """A saved artifact is missing, corrupted, tampered with or from another version."""
 

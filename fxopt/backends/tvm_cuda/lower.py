@@ -203,6 +203,11 @@ def exported_program(graph: Graph, kept_whole: Tuple = ()) -> "torch.export.Expo
 KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
+def kept_whole_for(dtype: str, matmul: str) -> Tuple:
+    """The ops :func:`build` keeps whole for these options (:data:`KEPT_WHOLE` with fxopt's fp16 attention)."""
+    return KEPT_WHOLE if matmul == "cublaslt" and dtype == "float16" else ()
+
+
 def decomposition_table(kept_whole: Tuple = ()):
     """torch.export's default core-ATen decompositions, less the ops in ``kept_whole``."""
     table = torch.export.default_decompositions()
@@ -241,7 +246,8 @@ def check_supported(program, converters: Dict[str, Converter]) -> None:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise LoweringError(
             f"tvm-cuda: node {', '.join(missing[:5])}{more}: no Relax converter; pass "
-            "custom_convert_map={'<op>.<overload>': fn} or rewrite the op into supported ATen ops before lowering"
+            "custom_convert_map={'<op>.<overload>': fn}, rewrite the op into supported ATen ops before lowering, "
+            "or use fxopt.optimize(target='cuda'), which runs such ops in PyTorch between TVM regions"
         )
 
 
