@@ -37,12 +37,16 @@ def capture(
 ) -> Graph:
     """Capture ``model`` into a :class:`Graph` of ATen ops with ``get_attr`` weights.
 
-    The model is deep-copied first, so the caller's model is never mutated.
+    The model is deep-copied first, so the caller's model is never mutated. Its parameters are not
+    copied: the graph's weights share their storage (a BERT-base would otherwise take twice its 440 MB)
+    and no fxopt pass or backend writes to a weight in place; a pass that changes a weight makes a new
+    tensor (the hypothesis tests of every pass check that the model stays byte-identical). Buffers,
+    which a captured graph may update, are copied.
     ``eval_mode`` captures the copy in eval mode (dropout and BatchNorm behave
     as at inference). ``dynamic_shapes`` is passed to ``torch.export``.
     """
     _check_arguments(model, example_inputs)
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model, memo=_shared_parameters(model))
     if eval_mode:
         work.eval()
     args = tuple(example_inputs)
@@ -63,6 +67,11 @@ def capture(
     graph = Graph(module)
     graph.refresh_meta()
     return graph
+
+
+def _shared_parameters(model: torch.nn.Module) -> dict:
+    """A deepcopy memo that maps each parameter to a new Parameter over the same storage."""
+    return {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
 
 
 def _check_arguments(model, example_inputs) -> None:

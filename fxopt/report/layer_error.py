@@ -40,9 +40,14 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import InputError, op_name
+from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
+from fxopt.ir.memory import return_freed_memory
 from fxopt.report.op_kinds import is_layer_output, op_kind
 
+#: Bytes of the original's layer outputs held at once, waiting for the optimized graph's: beyond it the
+#: layers are compared in chunks, both graphs run once per chunk (BERT-base at 8x128 holds ~1.9 GB in all).
+REFERENCE_BUDGET_BYTES = 128 * 2**20
 #: |log2(factor) - round(log2(factor))| below this counts as an exact power-of-two factor (2**0.1 = 1.07).
 POWER_OF_TWO_SLACK = 0.1
 
@@ -58,12 +63,14 @@ def per_layer_error(original: Graph, optimized: Graph, inputs,
     batches = _as_batches(inputs)
     layers = corresponding_layers(original, optimized)
     stats = {name: _ChannelStats() for name in layers}
+    chunks = list(_chunks(original, layers, REFERENCE_BUDGET_BYTES))
     for batch in batches:
-        reference: Dict[str, torch.Tensor] = {}
         rows = None if mask is None else _check_mask(mask(batch))
-        _run_recording(original, batch, layers, reference.__setitem__)
-        _run_recording(optimized, batch, layers,
-                       lambda name, value: stats[name].add(reference.pop(name), value, rows))
+        for chunk in chunks:
+            reference: Dict[str, torch.Tensor] = {}
+            _run_recording(original, batch, chunk, reference.__setitem__)
+            _run_recording(optimized, batch, chunk,
+                           lambda name, value: _compare(stats[name], reference.pop(name), value, rows))
     out = []
     for name, op in layers.items():
         if stats[name].comparable:
@@ -71,6 +78,34 @@ def per_layer_error(original: Graph, optimized: Graph, inputs,
             out.append({"node": name, "op": op, "rel_err": rel_err, "shape": stats[name].shape,
                         "rescaled": rescaled, "masked": stats[name].masked})
     return out
+
+
+def _compare(stats: "_ChannelStats", reference: torch.Tensor, value: torch.Tensor, rows) -> None:
+    stats.add(reference, value, rows)
+    del reference
+    return_freed_memory()  # the float64 temporaries of add() would otherwise stay resident (fxopt.ir.memory)
+
+
+def _chunks(original: Graph, layers: Dict[str, str], budget: int):
+    """``layers`` in graph order, cut where the reference outputs held at once would pass ``budget`` bytes."""
+    chunk, used = {}, 0
+    for name, op in layers.items():
+        size = _output_bytes(original.node(name), budget)
+        if chunk and used + size > budget:
+            yield chunk
+            chunk, used = {}, 0
+        chunk[name] = op
+        used += size
+    if chunk:
+        yield chunk
+
+
+def _output_bytes(node: fx.Node, budget: int) -> int:
+    """The bytes of a node's output from its metadata; an eighth of the budget where a dim is dynamic."""
+    info = node.meta.get(M.INFO_KEY)
+    if not isinstance(info, M.TensorInfo) or not info.is_static:
+        return budget // 8
+    return math.prod(info.shape) * info.dtype.itemsize
 
 
 def corresponding_layers(original: Graph, optimized: Graph) -> Dict[str, str]:

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import fxopt
 from fxopt.ir import meta as M
 from fxopt.ir.ops import unpack_int4
-from fxopt.passes.quantize.gptq import gptq_int4_grouped, gptq_per_channel
+from fxopt.passes.quantize.gptq import LazyHessians, gptq_int4_grouped, gptq_per_channel, weight_hessians
 from fxopt.passes.quantize.insert_qdq import quantize_weight_per_channel
 from fxopt.passes.quantize.observers import QDTYPES
 from fxopt.passes.quantize.int4 import GROUP_SIZES, pack_int4, quantize_int4_grouped
@@ -207,6 +207,20 @@ def test_insert_qdq_gptq_with_int8_weights_beats_round_to_nearest_on_the_graph()
         errors[method] = sum(relative_error(model(*b), quantized.run(*b)) for b in data)
     assert errors["gptq"] < errors["rtn"]
 
+
+
+def test_hessians_in_chunks_equal_all_at_once():
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 24, generator=gen),) for _ in range(3)]
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 8)).eval()
+    graph = fxopt.capture(model, data[0])
+    linears = [n for n in graph.call_nodes() if n.target == torch.ops.aten.linear.default]
+    whole = weight_hessians(graph, linears, data)
+    chunked = LazyHessians(graph, linears, data, budget=8 * 40 * 40)  # one weight per chunk
+    assert len(chunked.chunks) == 3
+    for target in reversed(list(whole)):  # any order: a chunk already dropped is observed again
+        assert torch.equal(chunked.get(target), whole[target])
+    assert chunked.get("no.such.weight") is None
 
 # ------------------------------------------------ storage, folding, export
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -29,11 +29,13 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.graph import Graph
-from fxopt.ir.meta import QParams
+from fxopt.ir.meta import INFO_KEY, QParams
 from fxopt.passes.quantize.calibrate import _ObservingInterpreter
 from fxopt.passes.quantize.int4 import pack_int4
 from fxopt.passes.quantize.observers import QDTYPES, qparams_from_range
 
+#: Bytes of Hessian sums (float64) held at once by :class:`LazyHessians` (BERT-base's linears need 1.1 GB in all).
+HESSIAN_BUDGET_BYTES = 128 * 2**20
 #: Added to H's diagonal, relative to its mean, so that H is invertible (GPTQ's default).
 DAMPING = 0.01
 
@@ -65,6 +67,49 @@ def weight_hessians(graph: Graph, linears: Sequence[fx.Node], batches: Iterable[
         h = inputs[n.args[0].name][0].hessian()
         hessians[n.args[1].target] = hessians.get(n.args[1].target, 0) + h
     return hessians
+
+
+class LazyHessians:
+    """:func:`weight_hessians`, computed a chunk of weights at a time, in graph order, as ``get`` asks for them.
+
+    Only one chunk (at most ``budget`` bytes of float64 sums) is held, so GPTQ over a large model does not
+    keep every Hessian at once; each chunk costs one pass over ``batches``. The graph is copied first:
+    what the caller rewrites afterwards does not change what is observed.
+    """
+
+    def __init__(self, graph: Graph, linears: Sequence[fx.Node], batches: Sequence[Tuple],
+                 budget: int = HESSIAN_BUDGET_BYTES):
+        self.graph, self.batches, self.current = graph.copy(), list(batches), {}
+        self.chunks = _chunks_by_weight([(n.name, n.args[1].target, n.args[0].meta) for n in linears], budget)
+
+    def get(self, target: str):
+        if target not in self.current:
+            chunk = next((c for c in self.chunks if target in c), None)
+            if chunk is None:
+                return None
+            self.current = {}  # free the last chunk before observing the next
+            linears = [self.graph.node(name) for names in chunk.values() for name in names]
+            self.current = weight_hessians(self.graph, linears, self.batches)
+        return self.current.get(target)
+
+
+def _chunks_by_weight(linears, budget: int) -> List[Dict[str, List[str]]]:
+    """Chunks of ``{weight target: [linear node names]}``, in order, each within ``budget`` bytes of sums."""
+    by_weight: Dict[str, List[str]] = {}
+    sizes: Dict[str, int] = {}
+    for name, target, input_meta in linears:
+        by_weight.setdefault(target, []).append(name)
+        info = input_meta.get(INFO_KEY)
+        width = info.shape[-1] if info is not None and isinstance(info.shape[-1], int) else 4096
+        sizes[target] = sizes.get(target, 0) + 8 * width * width
+    chunks, used = [{}], 0
+    for target, names in by_weight.items():
+        if chunks[-1] and used + sizes[target] > budget:
+            chunks.append({})
+            used = 0
+        chunks[-1][target] = names
+        used += sizes[target]
+    return chunks
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:

@@ -50,7 +50,7 @@ from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.quantize.calibrate import (
     activation_inputs, calibration_sample, is_weight, linear_targets, quantizable_ops,
 )
-from fxopt.passes.quantize.gptq import gptq_int4_grouped, gptq_per_channel, weight_hessians
+from fxopt.passes.quantize.gptq import LazyHessians, gptq_int4_grouped, gptq_per_channel
 from fxopt.passes.quantize.int4 import GROUP_SIZES, quantize_int4_grouped
 from fxopt.passes.quantize.observers import QDTYPES, qparams_from_range
 
@@ -144,8 +144,10 @@ class InsertQDQ(Pass):
             stats["quantized_ops"] += 1
         if self.embeddings:
             stats["embeddings"] = self._quantize_embeddings(graph, weights)
-        graph.remove_unused_params()
-        return PassResult(graph, stats["quantized_ops"] > 0, stats)
+        modified = stats["quantized_ops"] + stats.get("embeddings", 0) > 0
+        if modified:  # only then is the module recompiled: leave its other get_attrs alone otherwise
+            graph.remove_unused_params()
+        return PassResult(graph, modified, stats)
 
     def _quantize_embeddings(self, graph: Graph, weights: Dict[tuple, fx.Node]) -> int:
         count = 0
@@ -215,8 +217,8 @@ class InsertQDQ(Pass):
                     f"choose a group size ({', '.join(map(str, GROUP_SIZES))}) that divides in_features, "
                     f"leave the node in float with skip={node.name}, or use bits=8")
 
-    def _gptq_hessians(self, graph: Graph, ops) -> Dict[str, torch.Tensor]:
-        """method=gptq: weight target -> Hessian of its inputs on the calibration sample; else empty."""
+    def _gptq_hessians(self, graph: Graph, ops):
+        """method=gptq: weight target -> Hessian of its inputs on the calibration sample (``.get``); else empty."""
         if self.method != "gptq":
             return {}
         batches = calibration_sample(graph)
@@ -225,7 +227,7 @@ class InsertQDQ(Pass):
                              hint="call fxopt.calibrate(graph, data) first, or use method=rtn")
         linears = [n for n in ops if self._can_quantize(n) and n.target in linear_targets()
                    and self._weight_arg(n) is not None]
-        return weight_hessians(graph, linears, batches)
+        return LazyHessians(graph, linears, batches)
 
     def _can_quantize(self, node: fx.Node) -> bool:
         info = M.node_info(node)

@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import PassError, op_name
 from fxopt.ir.graph import Graph
+from fxopt.ir.memory import return_freed_memory
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.quantize.calibrate import calibration_sample, quantizable_ops
@@ -117,7 +118,10 @@ class _ErrorMeter:
 
     def __call__(self, keep_float: Tuple[str, ...]) -> float:
         quantized = self._quantize(keep_float).graph
-        return self.metric(self.reference, run_outputs(quantized, self.data))
+        error = self.metric(self.reference, run_outputs(quantized, self.data))
+        del quantized
+        return_freed_memory()  # each call makes and drops a quantized copy of every weight
+        return error
 
     def quantizable_names(self) -> List[str]:
         """The op nodes insert-qdq quantizes (those that read a dequantized value), by name."""
