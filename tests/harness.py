@@ -11,9 +11,10 @@ matching inputs.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,17 @@ def assert_equivalent(reference: Callable, transformed: Callable, inputs: Sequen
         limit = tol if tol is not None else TOLERANCE[a.dtype]
         err = relative_error(a, b)
         assert err <= limit, f"output {i}: relative error {err:.3g} > {limit:.3g}"
+
+
+def tensor_digest(t: torch.Tensor) -> Tuple[str, Tuple[int, ...], str]:
+    """dtype, shape and sha256 of a tensor's bytes: equal only for byte-identical tensors."""
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return str(t.dtype), tuple(t.shape), hashlib.sha256(raw).hexdigest()
+
+
+def fingerprint(module: nn.Module) -> Dict[str, Tuple[str, Tuple[int, ...], str]]:
+    """dtype, shape and sha256 of the bytes of every tensor in the state_dict."""
+    return {name: tensor_digest(t) for name, t in module.state_dict(keep_vars=False).items()}
 
 
 # ------------------------------------------------------------------ models

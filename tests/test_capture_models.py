@@ -8,7 +8,6 @@ model untouched, and the cleanup preset keeps its outputs.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -18,7 +17,7 @@ import torch
 
 import fxopt
 from tests import models
-from tests.harness import outputs_of, relative_error
+from tests.harness import fingerprint, outputs_of, relative_error
 
 TOL = 1e-5
 MINILM_SENTENCES = 8
@@ -59,15 +58,6 @@ CASES: Dict[str, Callable] = {
     "cnn": models.conv_bn_resnet,
 }
 PARAMS = [pytest.param(name, marks=needs_minilm) if name == "minilm" else name for name in CASES]
-
-
-def fingerprint(module: torch.nn.Module) -> Dict[str, Tuple[str, Tuple[int, ...], str]]:
-    """dtype, shape and sha256 of the bytes of every tensor in the state_dict."""
-    out = {}
-    for name, t in module.state_dict(keep_vars=False).items():
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        out[name] = (str(t.dtype), tuple(t.shape), hashlib.sha256(raw).hexdigest())
-    return out
 
 
 @dataclass

@@ -57,13 +57,15 @@ class ShareParams(Pass):
     def run(self, graph: Graph) -> PassResult:
         stats = {"shared": 0, "exact": 0, "within_tolerance": 0, "across_layers": 0, "same_tensor_nodes": 0}
         params_before = graph.param_count()
-        survivors: Dict[Tuple, List[fx.Node]] = {}  # (shape, dtype, device) -> weights kept, in graph order
-        by_content: Dict[Tuple, fx.Node] = {}  # (shape, dtype, device, digest) -> the survivor holding those bytes
+        survivors: Dict[Tuple, List[fx.Node]] = {}  # (shape, dtype, device, grad) -> weights kept, in graph order
+        by_content: Dict[Tuple, fx.Node] = {}  # (shape, dtype, device, grad, digest) -> the survivor with those bytes
         for node in [n for n in graph.fx_graph.nodes if n.op == "get_attr" and n.users]:  # dead ones just go
             tensor = graph.param(node)
             if not isinstance(tensor, torch.Tensor):
                 continue
-            kind = (tuple(tensor.shape), tensor.dtype, tensor.device)
+            # requires_grad too: a BatchNorm's running statistics (buffers) must not read a parameter that requires
+            # grad (a fresh BatchNorm's running_var equals its weight), which autograd refuses there
+            kind = (tuple(tensor.shape), tensor.dtype, tensor.device, tensor.requires_grad)
             content = kind + (_digest(tensor),)
             match, how = by_content.get(content), "exact"
             if match is not None and not torch.equal(_bytes(graph.param(match)), _bytes(tensor)):

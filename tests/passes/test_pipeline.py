@@ -10,6 +10,7 @@ import fxopt
 from fxopt import Pass, PassResult, Pipeline, register_pass
 from fxopt.errors import MetadataError, PassError
 from fxopt.passes.infra.registry import registered_passes
+from tests.harness import fingerprint
 
 aten = torch.ops.aten
 
@@ -38,14 +39,20 @@ class ScaleOutputs(Pass):
 @register_pass
 @dataclass(frozen=True)
 class BreakGraph(Pass):
-    """Test pass that edits a node by hand without updating metadata, then fails if asked to."""
+    """Test pass that edits a node by hand without updating metadata (and the weights, if asked), then fails if
+    asked to."""
 
     name = "test-break-graph"
     crash: bool = False
+    edit_weights: bool = False
 
     def run(self, graph):
         relu = next(graph.call_nodes(aten.relu.default))
         relu.target = aten.sum.default  # output shape changes; recorded TensorInfo is now stale
+        if self.edit_weights:
+            weight = next(n for n in graph.nodes if n.op == "get_attr")
+            graph.replace_param(weight, torch.zeros_like(graph.param(weight)))
+            graph.add_param("extra", torch.ones(3))
         if self.crash:
             raise RuntimeError("boom")
         return PassResult(graph, True, {})
@@ -108,12 +115,17 @@ def test_verifier_catches_stale_metadata_in_debug_mode():
     Pipeline("test-break-graph", debug=False)(graph)  # without debug the verifier does not run
 
 
-def test_failing_pass_leaves_input_graph_unchanged():
+@pytest.mark.parametrize("spec", ["test-break-graph{crash=true}", "test-break-graph{crash=true,edit-weights=true}",
+                                  "remove-noop,test-break-graph{crash=true,edit-weights=true}"])
+def test_failing_pass_leaves_input_graph_unchanged(spec):
     graph = relu_graph()
-    code, names = graph.module.code, [n.target for n in graph.nodes]
-    with pytest.raises(PassError):
-        Pipeline("test-break-graph{crash=true}")(graph)
-    assert graph.module.code == code and [n.target for n in graph.nodes] == names
+    x = torch.randn(2, 4)
+    code, listing, weights, output = graph.module.code, graph.format(), fingerprint(graph.module), graph(x)
+    with pytest.raises(PassError, match="boom"):
+        Pipeline(spec)(graph)
+    assert graph.module.code == code and graph.format() == listing
+    assert fingerprint(graph.module) == weights
+    assert torch.equal(graph(x), output)
     graph.verify()
 
 

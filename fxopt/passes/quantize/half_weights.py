@@ -53,7 +53,8 @@ class HalfWeights(Pass):
             if weight not in halved:
                 halved[weight] = self._upcast_half(graph, node, weight)
             node.replace_input_with(weight, halved[weight])
-        graph.remove_unused_params()
+        if halved:  # only then is the module recompiled: leave its other get_attrs alone otherwise
+            graph.remove_unused_params()
         return PassResult(graph, bool(halved), {"weights": len(halved)})
 
     def _eligible(self, graph: Graph, weight) -> bool:

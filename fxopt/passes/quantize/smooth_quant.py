@@ -109,7 +109,8 @@ class SmoothQuant(Pass):
                 self._scale_columns(graph, linear, s)
             stats["groups"] += 1
             stats["linears"] += len(linears)
-        graph.remove_unused_params()
+        if stats["groups"]:  # only then is the module recompiled: leave its other get_attrs alone otherwise
+            graph.remove_unused_params()
         return PassResult(graph, stats["groups"] > 0, stats)
 
     def _act_absmax(self, act: fx.Node, linear: fx.Node) -> torch.Tensor:
