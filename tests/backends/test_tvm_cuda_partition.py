@@ -25,6 +25,7 @@ tvm = pytest.importorskip("tvm")
 import fxopt  # noqa: E402
 from fxopt.backends.tvm_cuda import deploy, partition, support, to_relax  # noqa: E402
 from fxopt.errors import ArtifactError, DeviceError, PartitionWarning  # noqa: E402
+from tests.backends.test_tvm_cuda_codegen import _Erfinv  # noqa: E402  (an op with no TVM converter)
 from tests.harness import relative_error  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
@@ -86,15 +87,6 @@ def test_support_check_names_the_fft_ops_and_takes_linear_and_gelu(fnet_graph):
     assert "aten.addmm.default" in by_op["aten.linear.default"].becomes  # judged after decomposition
     linears = list(graph.call_nodes(torch.ops.aten.linear.default))
     assert support.op_support(linears[0], known) is support.op_support(linears[-1], known)  # once per overload
-
-
-class _Erfinv(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return torch.erfinv(torch.tanh(self.fc(x)))
 
 
 def test_an_op_without_converter_falls_back_and_a_node_without_metadata_is_an_error(monkeypatch):
