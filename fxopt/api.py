@@ -135,7 +135,6 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: str 
 
 def _optimize_cuda(original: Graph, graph: Graph, spec: str, stats: Dict[str, Any]) -> OptimizedModel:
     from fxopt.backends.tvm_cuda import deploy
-    _check_cuda_dtypes(original)
     started = time.perf_counter()
     runner = deploy.build_target(graph)
     stats["lowering"] = {**deploy.build_summary(runner), "seconds": round(time.perf_counter() - started, 1)}
@@ -298,22 +297,6 @@ def load(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> Opt
 
 
 # ------------------------------------------------------------------ helpers
-#: What target="cuda" computes in: fxopt's CUDA kernels and TVM's tensor-core schedules are 16/32-bit.
-CUDA_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_cuda_dtypes(graph: Graph) -> None:
-    """Refuse float64 (and other non-GPU float) inputs and weights before TVM meets them."""
-    named = [(f"input {s.name}", s.dtype) for s in graph.input_specs]
-    named += [(f"weight {name}", t.dtype) for name, t in graph.params().items()]
-    bad = [(what, dtype) for what, dtype in named if dtype.is_floating_point and dtype not in CUDA_FLOAT_DTYPES]
-    if bad:
-        listed = ", ".join(f"{what} ({str(dtype).replace('torch.', '')})" for what, dtype in bad[:5])
-        raise InputError(f"optimize(target='cuda'): the GPU path computes in float32/float16, and these are not: "
-                         f"{listed}{' ...' if len(bad) > 5 else ''}; cast the model and inputs with .float() "
-                         "(or use target='eager' to keep float64)")
-
-
 def _check_target(target: str) -> None:
     if target not in TARGETS:
         raise InputError(f"optimize: unknown target {target!r}; valid targets: {', '.join(TARGETS)}")

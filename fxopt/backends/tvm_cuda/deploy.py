@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxopt.backends.tvm_cuda import partition
-from fxopt.errors import ArtifactError, DeviceError, LoweringError, PartitionWarning
+from fxopt.errors import ArtifactError, DeviceError, InputError, LoweringError, PartitionWarning
 from fxopt.ir.graph import Graph
 
 TARGET = "cuda"
@@ -71,10 +71,7 @@ class CudaTarget:
     def _loaded(self):
         if self._module is None:
             require_gpu()
-            from fxopt.backends.tvm_cuda.runtime import load
-            module = load(self.library_path)
-            module.set_params(self.graph.params(), check_crc=True)
-            self._module = module
+            self._module = _load_library(self.library_path, self.graph)
         return self._module
 
     def files(self) -> Dict[str, Path]:
@@ -84,6 +81,14 @@ class CudaTarget:
     def __del__(self):
         if self._owns_dir:
             shutil.rmtree(self.library_dir, ignore_errors=True)
+
+
+def _load_library(path: str, graph: Graph):
+    """A TVM library under the runtime, given the weights it names (by state_dict key, crc-checked)."""
+    from fxopt.backends.tvm_cuda.runtime import load
+    module = load(path)
+    module.set_params(graph.params(), check_crc=True)
+    return module
 
 
 def _as_model_output(graph: Graph, leaves: list):
@@ -111,21 +116,19 @@ class RegionLibrary(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         if self._module is None:
-            from fxopt.backends.tvm_cuda.runtime import load
-            module = load(self.library_path)
-            module.set_params(self.graph.params(), check_crc=True)  # the weights it names, by state_dict key
-            self._module = module
+            self._module = _load_library(self.library_path, self.graph)
         out = self._module(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
         return tuple(o.to(dtype) for o, dtype in zip(outs, self.dtypes))
 
 
-class PartitionedCudaTarget:
+class PartitionedCudaTarget(CudaTarget):
     """Regions run as TVM libraries; the nodes TVM cannot take run in PyTorch between them (the glue module)."""
 
     def __init__(self, graph: Graph, library_dir: str, plan: partition.Plan, glue: fx.GraphModule,
                  owns_dir: bool = True):
-        self.graph, self.library_dir, self.plan, self._owns_dir = graph, library_dir, plan, owns_dir
+        super().__init__(graph, library_dir, owns_dir)
+        self.plan = plan
         for region in plan.regions:
             path = os.path.join(library_dir, region.library)
             if not os.path.exists(path):
@@ -145,14 +148,6 @@ class PartitionedCudaTarget:
             out = self.glue(*[x.to("cuda") for x in inputs])
         return _as_model_output(self.graph, list(out) if isinstance(out, (list, tuple)) else [out])
 
-    def files(self) -> Dict[str, Path]:
-        """The backend files an artifact carries: each region's library and weight manifest, partition.json."""
-        return {name: Path(self.library_dir) / name for name in sorted(os.listdir(self.library_dir))}
-
-    def __del__(self):
-        if self._owns_dir:
-            shutil.rmtree(self.library_dir, ignore_errors=True)
-
 
 def _to_device(glue: fx.GraphModule, device: torch.device) -> None:
     """The fallback nodes' weights, and tensors they create (``device=`` arguments), on ``device``."""
@@ -171,6 +166,7 @@ def build_target(graph: Graph, **options):
     """
     from fxopt.backends.tvm_cuda.lower import build, kept_whole_for
     from fxopt.backends.tvm_cuda.support import known_converters
+    check_dtypes(graph)
     options = {**BUILD_OPTIONS, **options}
     known = known_converters(options.get("custom_convert_map"))
     plan = partition.propose(graph, known, kept_whole_for(options["dtype"], options["matmul"]))
@@ -182,6 +178,22 @@ def build_target(graph: Graph, **options):
     target = _build_partitioned(graph, plan, options)
     warnings.warn(target.plan.warning(), PartitionWarning, stacklevel=4)  # at the user's optimize() call
     return target
+
+
+#: What the GPU path computes in: fxopt's CUDA kernels and TVM's tensor-core schedules are 16/32-bit.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtypes(graph: Graph) -> None:
+    """Refuse float64 (and other non-GPU float) inputs and weights before TVM meets them."""
+    named = [(f"input {s.name}", s.dtype) for s in graph.input_specs]
+    named += [(f"weight {name}", t.dtype) for name, t in graph.params().items()]
+    bad = [(what, dtype) for what, dtype in named if dtype.is_floating_point and dtype not in FLOAT_DTYPES]
+    if bad:
+        listed = ", ".join(f"{what} ({str(dtype).replace('torch.', '')})" for what, dtype in bad[:5])
+        raise InputError(f"optimize(target='cuda'): the GPU path computes in float32/float16, and these are not: "
+                         f"{listed}{' ...' if len(bad) > 5 else ''}; cast the model and inputs with .float() "
+                         "(or use target='eager' to keep float64)")
 
 
 def _build_partitioned(graph: Graph, plan: partition.Plan, options: dict) -> PartitionedCudaTarget:
