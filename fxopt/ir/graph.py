@@ -18,6 +18,9 @@ from fxopt.errors import InputError, MetadataError, describe_node
 from fxopt.ir import meta as M
 
 NodeOrName = Union[fx.Node, str]
+#: Batch norm ops whose args 3 and 4 are the running mean and variance.
+BATCH_NORMS = (torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.batch_norm.default,
+               torch.ops.aten._native_batch_norm_legit.default, torch.ops.aten.native_batch_norm.default)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,11 @@ class Graph:
                 delattr(owner, attr)
                 removed += 1
         return removed
+
+    def batch_norm_statistics(self) -> set:
+        """The weight targets a batch norm reads as its running mean or variance (never trained, never scored)."""
+        return {a.target for n in self.call_nodes() if n.target in BATCH_NORMS
+                for a in n.args[3:5] if isinstance(a, fx.Node) and a.op == "get_attr"}
 
     def param_count(self) -> int:
         return sum(t.numel() for t in self._unique_params())

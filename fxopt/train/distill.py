@@ -29,10 +29,6 @@ from fxopt.ir.graph import Graph
 from fxopt.train import distill_losses as L
 from fxopt.train.qat import QUANTIZE_TO_DEQUANTIZE, TrainableGraph, fake_quant_graph, fine_tune, freeze
 
-BATCH_NORMS = (torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.batch_norm.default,
-               torch.ops.aten._native_batch_norm_legit.default, torch.ops.aten.native_batch_norm.default)
-
-
 @dataclass
 class _Tapped(TrainableGraph):
     """The student (or teacher) with its taps appended to its outputs, plus projections to train."""
@@ -65,8 +61,7 @@ def trainable_student(student: Graph, freeze_patterns: Sequence[str] = ()) -> Tr
         trainable.floats = [t for t in trainable.floats if not _frozen(t, freeze_patterns)]
         return trainable
     trainable = TrainableGraph(student.copy())
-    statistics = {a.target for n in trainable.graph.call_nodes() if n.target in BATCH_NORMS
-                  for a in n.args[3:5] if isinstance(a, fx.Node)}
+    statistics = trainable.graph.batch_norm_statistics()
     for node in trainable.graph.nodes:
         if node.op != "get_attr" or node.target in trainable.floats or node.target in statistics:
             continue

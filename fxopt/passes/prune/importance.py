@@ -27,8 +27,6 @@ from fxopt.passes.prune import terms as T
 from fxopt.passes.prune.groups import Group, Member
 
 CRITERIA = ("l1", "l2", "taylor", "head")
-#: Batch norms whose args 3 and 4 are the running mean and variance.
-_BATCH_NORMS = (torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.batch_norm.default)
 
 
 def _per_unit(tensor: torch.Tensor, member: Member, group: Group) -> torch.Tensor:
@@ -53,7 +51,7 @@ def gradient_scores(graph: Graph, groups: Sequence[Group], batches: Sequence[tup
     """Taylor (``consumers_only=False``) or head importance (``True``) of every unit of ``groups``, by group name."""
     stored = graph.params()
     targets = sorted({m.target for g in groups for m in _members(g, consumers_only, stored)}
-                     - _running_statistics(graph))
+                     - graph.batch_norm_statistics())
     params = {t: stored[t].detach().clone().requires_grad_(True) for t in targets}
     scores = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in groups}
     generator = torch.Generator().manual_seed(seed)
@@ -71,12 +69,6 @@ def gradient_scores(graph: Graph, groups: Sequence[Group], batches: Sequence[tup
                     per_unit += _per_unit(product, member, g)
             scores[g.name] += per_unit ** 2
     return scores
-
-
-def _running_statistics(graph: Graph) -> set:
-    """Weights read as a batch norm's running mean or variance: autograd refuses to differentiate those."""
-    return {a.target for n in graph.call_nodes() if n.target in _BATCH_NORMS
-            for a in n.args[3:5] if isinstance(a, torch.fx.Node) and a.op == "get_attr"}
 
 
 def _members(group: Group, consumers_only: bool, stored: Dict[str, torch.Tensor]):
