@@ -171,6 +171,12 @@ def fxopt_optimize(model, example, calibration) -> Tuple[object, int, str]:
     note = (f"optimize {seconds:.0f} s; ISA {lowering.get('isa')}, {lowering.get('int8_linears')} int8 linears, "
             f"{lowering.get('int8_embeddings')} int8 embeddings, {lowering.get('fused_requantizations')} fused "
             f"requantizations")
+    path = lowering.get("kernel_path") or {}
+    if path:
+        timing = (f", measured {path['eager_ms']:.2f} ms eager kernels vs {path['compiled_ms']:.2f} ms compiled"
+                  if "compiled_ms" in path else "")
+        compiled = f", compile {path['compile_seconds']:.0f} s" if "compile_seconds" in path else ""
+        note += f"; kernel path {path['kernel_path']} ({path['reason']}{timing}{compiled})"
     if lowering.get("float_fallbacks"):
         note += f", float fallbacks {lowering['float_fallbacks']}"
     messages = sorted({str(w.message).split(";")[0] for w in caught

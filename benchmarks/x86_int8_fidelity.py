@@ -54,7 +54,8 @@ def check(directory: str, allow_torch_mismatch: bool = False) -> dict:
     loaded = fxopt.load(os.path.join(directory, "artifact"), allow_torch_mismatch=allow_torch_mismatch)
     cosine, nn = embedding_agreement(tensors["reference"], sentence_embeddings(loaded, batches))
     result = {"isa": loaded.stats["lowering"]["isa"], "torch": torch.__version__, "cosine": round(cosine, 4), "nn_agreement": round(nn, 4),
-              "sentences": sum(b[0].shape[0] for b in batches), "artifact_bytes": _bytes(directory)}
+              "sentences": sum(b[0].shape[0] for b in batches), "artifact_bytes": _bytes(directory),
+              "kernel_path": loaded.stats["lowering"].get("kernel_path")}
     print(json.dumps(result))
     return result
 

@@ -8,6 +8,10 @@ from hypothesis import HealthCheck, settings
 os.environ.setdefault("FXOPT_DEBUG", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# x86-int8 runs on its eager oneDNN kernels unless a test asks for the TorchInductor path: compiling every
+# lowered model would add ~10-60 s per optimize on CI's 2 cores (tests/backends/test_x86_int8_inductor.py
+# covers the compiled path).
+os.environ.setdefault("FXOPT_X86_COMPILE", "never")
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", derandomize=True, max_examples=25, print_blob=True, **_common)

@@ -97,6 +97,19 @@ class Graph:
         for spec, value in zip(self.input_specs, leaves):
             _check_one_input(spec, value)
 
+    def sample_inputs(self, dynamic_size: int = 2, seed: int = 0) -> Tuple[torch.Tensor, ...]:
+        """Inputs that pass :meth:`check_inputs`: seeded normal floats, ones for integers and bools (valid
+        token ids, attention masks and indices); a dynamic dim takes ``dynamic_size``."""
+        generator = torch.Generator().manual_seed(seed)
+        inputs = []
+        for spec in self.input_specs:
+            shape = [dynamic_size if d is None else d for d in spec.shape]
+            if spec.dtype.is_floating_point or spec.dtype.is_complex:
+                inputs.append(torch.randn(shape, generator=generator, dtype=spec.dtype))
+            else:
+                inputs.append(torch.ones(shape, dtype=spec.dtype))
+        return tuple(inputs)
+
     # ---------------------------------------------------------------- weights
     def param(self, node: NodeOrName) -> torch.Tensor:
         """The tensor a ``get_attr`` node refers to."""

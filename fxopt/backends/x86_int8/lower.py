@@ -15,6 +15,10 @@ matmuls, float layers kept by mixed precision. An op that reads dequantized
 values but has no int8 kernel here (an int8 matmul between activations, a
 conv) runs in float32 on those values, and one warning names such ops.
 
+Where a C++ compiler exists, ``lower`` also compiles the quantized graph with
+TorchInductor (``inductor.py``: the same oneDNN int8 GEMMs, with the ops between
+them fused into generated C++) and keeps whichever of the two is faster.
+
 The source of truth is the quantized Graph: ``lower`` never changes it, and
 an artifact stores it and lowers again on load, for the loading CPU's ISA.
 """
@@ -24,11 +28,12 @@ import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
+from fxopt.backends.x86_int8 import inductor
 from fxopt.backends.x86_int8.isa import Isa, detect_isa
 from fxopt.backends.x86_int8.kernels import FUSED_ACTIVATIONS, ActivationCodes, Int8Embedding, Int8Linear
 from fxopt.errors import describe_node, op_name
@@ -66,13 +71,16 @@ class LoweringReport:
     dequantized_weights: int = 0
     inexact_activation_codes: List[str] = field(default_factory=list)
     float_fallbacks: Dict[str, List[str]] = field(default_factory=dict)
+    #: Whether calls run the eager kernels or the Inductor-compiled graph, and why (``inductor.choose``).
+    compiled: Optional[inductor.CompileOutcome] = None
 
     def as_dict(self) -> dict:
         return {"isa": self.isa, "int8_linears": self.int8_linears, "int8_embeddings": self.int8_embeddings,
                 "fused_requantizations": self.fused_requantizations, "fused_multipliers": self.fused_multipliers,
                 "dequantized_weights": self.dequantized_weights,
                 "inexact_activation_codes": len(self.inexact_activation_codes),
-                "float_fallbacks": {op: len(nodes) for op, nodes in self.float_fallbacks.items()}}
+                "float_fallbacks": {op: len(nodes) for op, nodes in self.float_fallbacks.items()},
+                **({"kernel_path": self.compiled.as_dict()} if self.compiled else {})}
 
 
 class X86Int8Module:
@@ -80,16 +88,18 @@ class X86Int8Module:
 
     target = TARGET
 
-    def __init__(self, graph: Graph, module: fx.GraphModule, isa: Isa, report: LoweringReport):
+    def __init__(self, graph: Graph, module: fx.GraphModule, isa: Isa, report: LoweringReport,
+                 forward: Optional[Callable] = None):
         self.graph = graph  # the quantized source graph (what an artifact stores)
-        self.module = module
+        self.module = module  # the graph on the eager int8 kernels
+        self.forward = forward or module  # what a call runs: ``module``, or the Inductor-compiled graph
         self.isa = isa
         self.report = report
 
     def __call__(self, *inputs, **kwargs):
         self.graph.check_inputs(inputs, kwargs)
         with torch.inference_mode():
-            return self.module(*inputs, **kwargs)
+            return self.forward(*inputs, **kwargs)
 
     def save(self, directory) -> str:
         from fxopt.backends.artifact import save_artifact
@@ -97,8 +107,17 @@ class X86Int8Module:
                              extra={"isa_at_build": self.isa.name, "lowering": self.report.as_dict()})
 
 
-def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True) -> X86Int8Module:
-    """Lower ``graph`` for ``isa`` (default: this CPU's). ``graph`` itself is not changed."""
+def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True, compile: Optional[str] = None,
+          example_inputs: Optional[Sequence[torch.Tensor]] = None, progress: bool = False) -> X86Int8Module:
+    """Lower ``graph`` for ``isa`` (default: this CPU's). ``graph`` itself is not changed.
+
+    ``compile`` picks the kernel path (``inductor.py``): ``"auto"`` (the default, or
+    ``$FXOPT_X86_COMPILE``) compiles the graph with TorchInductor where a C++ compiler
+    exists and keeps it if it is faster on ``example_inputs`` (default: inputs made
+    from the graph's input specs); ``"always"`` keeps it whenever it compiles and
+    agrees; ``"never"`` runs the eager oneDNN kernels.
+    """
+    mode = inductor.compile_mode(compile)
     isa = isa or detect_isa()
     work = graph.copy()
     report = LoweringReport(isa.name)
@@ -113,18 +132,22 @@ def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True) -> X86Int8
     work.recompile()
     if warn:
         _warn(report)
-    return X86Int8Module(graph, work.module, isa, report)
+    inputs = tuple(example_inputs) if example_inputs is not None else graph.sample_inputs()
+    forward, report.compiled = inductor.choose(graph, work.module, mode, inputs,
+                                               exact_codes=not report.inexact_activation_codes, progress=progress)
+    return X86Int8Module(graph, work.module, isa, report, forward)
 
 
-def load(directory, allow_torch_mismatch: bool = False) -> X86Int8Module:
-    """Load an ``x86-int8`` artifact saved by :meth:`X86Int8Module.save` and lower it for this CPU."""
+def load(directory, allow_torch_mismatch: bool = False, compile: Optional[str] = None) -> X86Int8Module:
+    """Load an ``x86-int8`` artifact saved by :meth:`X86Int8Module.save` and lower it for this CPU
+    (``compile`` as for :func:`lower`; ``"never"`` loads fastest)."""
     from fxopt.backends.artifact import load_artifact
     from fxopt.errors import ArtifactError
     graph, manifest = load_artifact(directory, allow_torch_mismatch)
     if manifest.get("target") != TARGET:
         raise ArtifactError(f"{directory}: the artifact's target is {manifest.get('target')!r}, not {TARGET!r}; "
                             f"load it with the backend for its target")
-    return lower(graph)
+    return lower(graph, compile=compile)
 
 
 # ----------------------------------------------------------------- linears
