@@ -5,8 +5,8 @@
 
 ``build`` optimizes the real all-MiniLM-L6-v2 for x86-int8 (activations in full
 8-bit codes, as a VNNI/AMX CPU runs them: FXOPT_X86_ISA=avx512-vnni) on the
-first 128 of 256 real sentences, saves the artifact, and stores the other 128
-sentences' token ids and the fp32 model's pooled embeddings. ``check`` needs
+first 128 real sentences, saves the artifact, and stores the next 128 (or
+``--evaluation-sentences``) sentences' token ids and the fp32 model's pooled embeddings. ``check`` needs
 neither the model nor its weights: it loads the artifact with ``fxopt.load``
 (checksums, no pickle), lowers it for the local CPU's ISA, and reports mean
 cosine and nearest-neighbour agreement against the stored fp32 embeddings
@@ -26,16 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxopt  # noqa: E402
 from fxopt.report.embeddings import embedding_agreement, sentence_embeddings  # noqa: E402
 
-BATCH, MAX_LENGTH, SENTENCES = 32, 64, 256
+BATCH, MAX_LENGTH, CALIBRATION_SENTENCES = 32, 64, 128
 
 
-def build(out: str) -> None:
+def build(out: str, evaluation_sentences: int = 128) -> None:
     from fxopt.data import minilm, real_sentences
     from fxopt.report.embeddings import sentence_batches
     model, tokenizer = minilm()
-    sentences = real_sentences(SENTENCES)
-    calibration = sentence_batches(tokenizer, sentences[:SENTENCES // 2], BATCH, MAX_LENGTH)
-    evaluation = sentence_batches(tokenizer, sentences[SENTENCES // 2:], BATCH, MAX_LENGTH)
+    sentences = real_sentences(CALIBRATION_SENTENCES + evaluation_sentences)
+    calibration = sentence_batches(tokenizer, sentences[:CALIBRATION_SENTENCES], BATCH, MAX_LENGTH)
+    evaluation = sentence_batches(tokenizer, sentences[CALIBRATION_SENTENCES:], BATCH, MAX_LENGTH)
     optimized = fxopt.optimize(model, calibration[0], target="x86-int8", calibration_data=calibration)
     optimized.save(os.path.join(out, "artifact"))
     reference = sentence_embeddings(lambda ids, mask: model(input_ids=ids, attention_mask=mask), evaluation)
@@ -72,8 +72,13 @@ def main(argv=None) -> None:
     parser.add_argument("--dir", default="build/x86_fidelity")
     parser.add_argument("--allow-torch-mismatch", action="store_true",
                         help="check: load an artifact saved under another torch major.minor (with a warning)")
+    parser.add_argument("--evaluation-sentences", type=int, default=128,
+                        help="build: held-out sentences to compare on (a multiple of 32; default 128)")
     args = parser.parse_args(argv)
-    build(args.out) if args.mode == "build" else check(args.dir, args.allow_torch_mismatch)
+    if args.mode == "build":
+        build(args.out, args.evaluation_sentences)
+    else:
+        check(args.dir, args.allow_torch_mismatch)
 
 
 if __name__ == "__main__":
