@@ -72,7 +72,7 @@ def fidelity(args) -> None:
     tensors = load_file(os.path.join(args.dir, "evaluation.safetensors"))
     batches = [(tensors[f"ids_{i}"].clone(), tensors[f"mask_{i}"].clone())
                for i in range(sum(k.startswith("ids_") for k in tensors))]
-    loaded = fxopt.load(os.path.join(args.dir, "artifact"), allow_torch_mismatch=True, compile="never")
+    loaded = x86_int8.load(os.path.join(args.dir, "artifact"), allow_torch_mismatch=True, compile="never")
     graph = loaded.graph
     variants = {"eager-kernels": loaded, **compiled_variants(graph, batches[0])}
 
