@@ -30,6 +30,8 @@ from fxopt.backends import eager
 from fxopt.backends import x86_int8
 from fxopt.errors import ArtifactError, InputError
 from fxopt.ir import Graph, capture
+from fxopt.ir.batches import Batches
+from fxopt.ir.memory import release_dropped_graphs, trimming_while_resident_grows
 from fxopt.passes import Pipeline
 from fxopt.passes.lowrank import LowRank
 from fxopt.passes.quantize import calibrate, calibrate_smoothed, choose_float_layers
@@ -103,7 +105,18 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: str 
     it searches: every candidate pipeline for the target is built, its fidelity measured on the
     calibration data and its latency measured here, and the fastest that meets the tolerance wins
     (``fxopt.search``; the table is printed and kept in ``report()["candidates"]``).
+
+    ``calibration_data`` (a list, a ``DataLoader`` or a generator of input tuples) is streamed, never held
+    as a whole: a re-iterable is iterated again for each pass, a one-shot iterator is spilled to a temporary
+    file first (``fxopt.ir.batches``). Memory freed on the way goes back to the OS (``fxopt.ir.memory``).
     """
+    with trimming_while_resident_grows():
+        return _optimize(model, example_inputs, target, preset, passes, calibration_data, tolerance, metric,
+                         progress)
+
+
+def _optimize(model, example_inputs, target, preset, passes, calibration_data, tolerance, metric,
+              progress) -> OptimizedModel:
     _check_target(target)
     pipeline = _pipeline(preset, passes, target)
     original = capture(model, example_inputs)
@@ -125,9 +138,14 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: str 
         started = time.perf_counter()
         quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, progress=progress)
         stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
-        runner = x86_int8.lower(quantized)
+        # compared before lowering, and the fused graph (its merged weights) dropped: lowering is the peak
+        layer_errors = per_layer_error(result.graph, quantized, tuple(example_inputs))
+        del result
+        release_dropped_graphs()
+        runner = x86_int8.lower(quantized, example_inputs=tuple(example_inputs), progress=progress)
         stats["lowering"] = runner.report.as_dict()
-        optimized = OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
+        stats["per_layer_error"] = layer_errors
+        return OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
     # layer by layer against the pipeline's graph (whose node names the lossy steps keep), on the example inputs
     stats["per_layer_error"] = per_layer_error(result.graph, optimized.graph, tuple(example_inputs))
     return optimized
@@ -143,17 +161,21 @@ def _optimize_cuda(original: Graph, graph: Graph, spec: str, stats: Dict[str, An
 
 def _search(original: Graph, fused: Graph, spec: str, example_inputs, target: str, calibration_data,
             tolerance: Tolerance, stats: Dict[str, Any], progress: bool) -> OptimizedModel:
-    batches = _calibration_batches(example_inputs, calibration_data, warn=target != "eager")
-    fit, check = held_out_split(batches)
-    candidates = list(_candidates(original, fused, spec, target, fit, tolerance, progress))
-    found = measure_and_choose(candidates, original, check, example_inputs, tolerance)
+    with _calibration_batches(example_inputs, calibration_data, warn=target != "eager") as batches:
+        fit, check = held_out_split(batches)
+        candidates = list(_candidates(original, fused, spec, target, fit, tolerance, progress))
+        found = measure_and_choose(candidates, original, check, example_inputs, tolerance)
     if progress:
         print(f"fxopt search ({target}, tolerance {tolerance.describe()}), measured on this machine:\n"
               f"{found.table()}")
     chosen = found.chosen
+    if chosen.target == x86_int8.TARGET:  # candidates were timed on the eager kernels; the winner may compile
+        chosen.runner = x86_int8.lower(chosen.graph, warn=False, example_inputs=tuple(example_inputs),
+                                       progress=progress)
+        chosen.stats["lowering"] = chosen.runner.report.as_dict()
     stats.update(chosen.stats, search=found.as_dict(), latency_ms=chosen.latency_ms, tolerance={tolerance.kind: tolerance.bound},
                  original_latency_ms=found.original_latency_ms, candidates=[c.as_dict() for c in candidates],
-                 fidelity_batches={"fit": len(fit), "held_out": len(check) if check is not fit else 0})
+                 fidelity_batches={"fit": fit.count(), "held_out": check.count() if check is not fit else 0})
     return OptimizedModel(chosen.runner, chosen.graph, chosen.target, chosen.pipeline, original, stats)
 
 
@@ -206,7 +228,7 @@ def _mixed_precision_candidate(original: Graph, calibrated: Graph, spec: str, ba
 
 
 def _x86_candidate(name: str, pipeline: str, graph: Graph, stats: Optional[dict] = None) -> Candidate:
-    runner = x86_int8.lower(graph)
+    runner = x86_int8.lower(graph, compile="never")  # compiling every candidate would take minutes
     return Candidate(name, pipeline, graph, runner, x86_int8.TARGET, compressed=True,
                      stats={**(stats or {}), "lowering": runner.report.as_dict()})
 
@@ -219,15 +241,18 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: 
     in float until the error is within it. Without it, on CPUs without VNNI (7-bit weights there), the
     :data:`NO_VNNI_FLOAT_ACTIVATION_SHARE` most sensitive linears keep float activations.
     """
-    batches = _calibration_batches(example_inputs, calibration_data)
-    calibrated = calibrate_for_x86(graph, batches, progress)
-    if tolerance is not None:
-        skip = float_layers_for(calibrated, batches, tolerance, metric, progress).float_layers
-    elif x86_weight_bits() < 8:
-        skip = most_sensitive_layers(calibrated, batches[:1], NO_VNNI_FLOAT_ACTIVATION_SHARE, progress)
-    else:
-        skip = ()
-    return insert_qdq_for_x86(calibrated, skip)
+    with _calibration_batches(example_inputs, calibration_data) as batches:
+        calibrated = calibrate_for_x86(graph, batches, progress)
+        if tolerance is not None:
+            skip = float_layers_for(calibrated, batches, tolerance, metric, progress).float_layers
+        elif x86_weight_bits() < 8:
+            skip = most_sensitive_layers(calibrated, batches.take(0, 1), NO_VNNI_FLOAT_ACTIVATION_SHARE, progress)
+        else:
+            skip = ()
+    quantized = insert_qdq_for_x86(calibrated, skip)
+    del calibrated
+    release_dropped_graphs()  # the smoothed float weights, as large as the linears, go with the calibrated graph
+    return quantized
 
 
 def most_sensitive_layers(calibrated: Graph, batches, share: float, progress: bool = True) -> Tuple[str, ...]:
@@ -275,10 +300,13 @@ def insert_qdq_for_x86(calibrated: Graph, skip=()):
     return graph, ",".join(step.spec() for step in steps)
 
 
-def load(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> OptimizedModel:
+def load(directory: Union[str, Path], allow_torch_mismatch: bool = False,
+         compile: Optional[str] = None) -> OptimizedModel:
     """Load an artifact written by :meth:`OptimizedModel.save`: checksums and versions are verified first.
 
     ``allow_torch_mismatch=True`` accepts an artifact saved under another torch major.minor, with a warning.
+    ``compile`` (x86-int8 only): ``"auto"`` (default) compiles with TorchInductor where that is faster,
+    ``"never"`` loads in seconds on the eager int8 kernels (``fxopt.backends.x86_int8.lower``).
     """
     from fxopt.backends.artifact import load_artifact
     graph, manifest = load_artifact(directory, allow_torch_mismatch)
@@ -287,7 +315,7 @@ def load(directory: Union[str, Path], allow_torch_mismatch: bool = False) -> Opt
     if target == "eager":
         return OptimizedModel(eager.lower(graph), graph, target, pipeline)
     if target == x86_int8.TARGET:
-        runner = x86_int8.lower(graph)
+        runner = x86_int8.lower(graph, compile=compile)
         return OptimizedModel(runner, graph, target, pipeline, stats={"lowering": runner.report.as_dict()})
     if target == "cuda":
         from fxopt.backends.tvm_cuda import deploy
@@ -313,16 +341,17 @@ def _pipeline(preset: Optional[str], passes, target: str = "eager") -> Pipeline:
     return Pipeline(CUDA_PIPELINE if target == "cuda" else PRESETS[name])
 
 
-def _calibration_batches(example_inputs, calibration_data, warn: bool = True):
+def _calibration_batches(example_inputs, calibration_data, warn: bool = True) -> Batches:
+    """The calibration data as :class:`Batches`: streamed per pass, never held (a generator is spilled to disk)."""
     if calibration_data is None:
-        if not warn:
-            return [tuple(example_inputs)]
-        warnings.warn("optimize(target='x86-int8'): no calibration_data; calibrating on the example inputs alone. "
-                      "Pass a few hundred representative samples (a list of input tuples) for accuracy",
-                      stacklevel=3)
-        return [tuple(example_inputs)]
-    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration_data]
-    if not batches:
+        if warn:
+            warnings.warn("optimize(target='x86-int8'): no calibration_data; calibrating on the example inputs "
+                          "alone. Pass a few hundred representative samples (a list of input tuples) for accuracy",
+                          stacklevel=3)
+        return Batches([tuple(example_inputs)])
+    batches = Batches(calibration_data)
+    if batches.is_empty():
+        batches.close()
         raise InputError("optimize: calibration_data is empty; pass a list of input tuples like example_inputs")
     return batches
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError
 from fxopt.ir import Graph
+from fxopt.ir.batches import as_batches
 from fxopt.passes.quantize.mixed_precision import Outputs, run_outputs
 from fxopt.report.timing import compare_latency, format_table
 
@@ -122,20 +123,22 @@ def _per_sample(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().double().reshape(1, -1) for t in tensors], dim=1)
 
 
-def held_out_split(batches: Sequence[tuple]):
+def held_out_split(batches: Iterable[tuple]):
     """``(fit, check)``: candidates are built on ``fit`` and judged on ``check``, the last quarter of the batches.
 
-    With one batch there is nothing to hold out: both are that batch, and a warning says the fidelity
-    is measured on the data the candidates were fitted to.
+    Both are views of ``batches`` (:class:`fxopt.ir.batches.Batches`), streamed, not copied. With one batch
+    there is nothing to hold out: both are that batch, and a warning says the fidelity is measured on the
+    data the candidates were fitted to.
     """
-    batches = list(batches)
-    if len(batches) < 2:
+    batches = as_batches(batches)
+    count = batches.count()
+    if count < 2:
         warnings.warn("optimize(tolerance=...): one calibration batch, so candidates are judged on the data they "
                       "were fitted to and may look better than they are; pass at least 2 batches (the last "
                       "quarter is held out to measure fidelity)", stacklevel=3)
         return batches, batches
-    held = max(1, len(batches) // 4)
-    return batches[:-held], batches[-held:]
+    held = max(1, count // 4)
+    return batches.take(0, count - held), batches.take(count - held, count)
 
 
 # ------------------------------------------------------------------ candidates

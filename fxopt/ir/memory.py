@@ -6,12 +6,34 @@ tensors come from the heap, and the freed holes between live blocks stay residen
 ``per_layer_error`` at 8x128 kept 1.6 GB resident this way with under 130 MB of live tensors
 (``benchmarks/optimize_memory.py``). ``malloc_trim(0)`` returns every free page; it takes about a
 millisecond and is a no-op where the C library is not glibc.
+
+A dropped ``Graph`` is not freed when its last reference goes: an fx graph is a web of reference cycles
+(nodes and their graph, the module and its graph), so its weights wait for Python's cyclic collector,
+which may not run for a long time. ``release_dropped_graphs()`` runs it (about 0.2 s on BERT-base), then
+``malloc_trim``: call it where a step has dropped a graph that held large weights of its own (the
+smoothed weights, a fully quantized copy).
+
+Where the holes come from is not always a loop fxopt owns: a persistent small tensor allocated mid-run
+(an observer's range, a quantized weight's codes) is carved out of a freed activation's chunk, so the
+next activation of that size extends the heap instead, and Inductor's compile in the x86 backend does
+the same. ``trimming_while_resident_grows()`` covers all of them: while its block runs, a background
+thread reads the resident set every few milliseconds and trims once it has grown by
+:data:`TRIM_STEP_BYTES` since the last trim. ``fxopt.optimize`` runs inside it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
+import os
+import threading
+
+#: Growth of the resident set, since the last trim, that makes :func:`trimming_while_resident_grows` trim.
+TRIM_STEP_BYTES = 32 * 2**20
+#: How often that thread reads the resident set (about 10 us per read).
+TRIM_POLL_SECONDS = 0.002
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,3 +50,46 @@ def return_freed_memory() -> None:
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def release_dropped_graphs() -> None:
+    """Collect unreachable graphs (reference cycles) and their tensors, then :func:`return_freed_memory`."""
+    gc.collect()
+    return_freed_memory()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (``/proc/self/statm``); 0 where there is no procfs."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@contextlib.contextmanager
+def trimming_while_resident_grows(step: int = TRIM_STEP_BYTES, poll: float = TRIM_POLL_SECONDS):
+    """Within the block, ``malloc_trim`` whenever the resident set has grown by ``step`` bytes since the last
+    trim (a daemon thread; nothing where there is no glibc or no procfs)."""
+    if _libc_malloc_trim() is None or not resident_bytes():
+        yield
+        return
+    done = threading.Event()
+    thread = threading.Thread(target=_trim_on_growth, args=(done, step, poll), name="fxopt-trim", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _trim_on_growth(done: threading.Event, step: int, poll: float) -> None:
+    low = resident_bytes()
+    while not done.wait(poll):
+        now = resident_bytes()
+        if now > low + step:
+            return_freed_memory()
+            low = resident_bytes()
+        else:
+            low = min(low, now)

@@ -48,11 +48,17 @@ class HessianObserver:
 
     def observe(self, x: torch.Tensor) -> None:
         rows = x.detach().float().reshape(-1, x.shape[-1])
-        self.sum = self.sum + (rows.t() @ rows).double()
+        gram = rows.t() @ rows
+        if isinstance(self.sum, torch.Tensor):
+            self.sum.add_(gram)  # accumulated in float64 in place: no float64 copy of the batch's sum
+        else:
+            self.sum = gram.double()
         self.rows += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return (2 * self.sum / max(self.rows, 1)).float()
+        h = 2 * self.sum
+        h /= max(self.rows, 1)  # in place: one float64 temporary, not two
+        return h.float()
 
 
 def weight_hessians(graph: Graph, linears: Sequence[fx.Node], batches: Iterable[Tuple]) -> Dict[str, torch.Tensor]:
@@ -62,10 +68,13 @@ def weight_hessians(graph: Graph, linears: Sequence[fx.Node], batches: Iterable[
     with torch.no_grad():
         for batch in batches:
             interpreter.run(*batch)
+    by_input: Dict[str, torch.Tensor] = {}
     hessians: Dict[str, torch.Tensor] = {}
     for n in linears:
-        h = inputs[n.args[0].name][0].hessian()
-        hessians[n.args[1].target] = hessians.get(n.args[1].target, 0) + h
+        if n.args[0].name not in by_input:  # each input's float64 sum is dropped once its Hessian is made
+            by_input[n.args[0].name] = inputs.pop(n.args[0].name)[0].hessian()
+        h, target = by_input[n.args[0].name], n.args[1].target
+        hessians[target] = hessians[target] + h if target in hessians else h
     return hessians
 
 
@@ -113,12 +122,19 @@ def _chunks_by_weight(linears, budget: int) -> List[Dict[str, List[str]]]:
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """The upper Cholesky factor of the damped ``H⁻¹``; inputs that were always 0 get a unit diagonal."""
-    h = hessian.double().clone()
+    """The upper Cholesky factor of the damped ``H⁻¹``; inputs that were always 0 get a unit diagonal.
+
+    Each step drops the matrix before it, so at most two ``[in, in]`` float64 matrices are alive.
+    """
+    h = hessian.to(torch.float64, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    h += damping * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    h.diagonal().add_(damping * h.diagonal().mean())
+    lower = torch.linalg.cholesky(h)
+    del h
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True).float()
 
 
 @contextlib.contextmanager

@@ -64,15 +64,28 @@ BITS = (8, 7, 4)
 WEIGHT_QDTYPES = {8: "int8", 7: "int7"}
 #: How int4 codes are chosen: round to nearest, or GPTQ on the calibration sample.
 METHODS = ("rtn", "gptq")
+#: Weight elements quantized at once by :func:`quantize_weight_per_channel` (16 MB of float32 temporaries).
+QUANTIZE_CHUNK_ELEMENTS = 4 * 2**20
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, axis: int, qdtype: str = "int8"):
-    """Symmetric per-channel codes (int8, or int7 stored in int8) of ``weight`` along ``axis`` and their QParams."""
-    rows = weight.detach().float().movedim(axis, 0).reshape(weight.shape[axis], -1)
-    q = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), qdtype, "symmetric", axis)
+    """Symmetric per-channel codes (int8, or int7 stored in int8) of ``weight`` along ``axis`` and their QParams.
+
+    The codes are made a slice of channels at a time (:data:`QUANTIZE_CHUNK_ELEMENTS`), so the float
+    temporaries of ``quantize_per_channel`` stay small even for an embedding table.
+    """
+    weight = weight.detach()
+    rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1)  # min and max are exact in any float dtype
+    q = qparams_from_range(rows.amin(dim=1).float(), rows.amax(dim=1).float(), qdtype, "symmetric", axis)
+    del rows
     info = QDTYPES[qdtype]
-    codes = QD.quantize_per_channel(weight.detach().float(), q.scale, q.zero_point, axis, info.qmin, info.qmax,
-                                    torch.int8)
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS * weight.shape[axis] // max(weight.numel(), 1))
+    for start in range(0, weight.shape[axis], step):
+        size = min(step, weight.shape[axis] - start)
+        part = QD.quantize_per_channel(weight.narrow(axis, start, size).float(), q.scale[start:start + size],
+                                       q.zero_point[start:start + size], axis, info.qmin, info.qmax, torch.int8)
+        codes.narrow(axis, start, size).copy_(part)
     return codes, q
 
 

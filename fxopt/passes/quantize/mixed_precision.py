@@ -37,8 +37,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import PassError, op_name
+from fxopt.ir.batches import Batches, as_batches
 from fxopt.ir.graph import Graph
-from fxopt.ir.memory import return_freed_memory
+from fxopt.ir.memory import release_dropped_graphs, return_freed_memory
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.quantize.calibrate import calibration_sample, quantizable_ops
@@ -115,18 +116,27 @@ class _ErrorMeter:
         self.graph, self.scheme, self.metric, self.activation_matmuls = graph, scheme, metric, activation_matmuls
         self.data = _batches(data)
         self.reference = run_outputs(graph, self.data)
+        self._names: Optional[List[str]] = None
 
     def __call__(self, keep_float: Tuple[str, ...]) -> float:
         quantized = self._quantize(keep_float).graph
         error = self.metric(self.reference, run_outputs(quantized, self.data))
         del quantized
-        return_freed_memory()  # each call makes and drops a quantized copy of every weight
+        if len(keep_float) < len(self.quantizable_names()) - 1:
+            release_dropped_graphs()  # its quantized weights wait for the cyclic collector (fxopt.ir.memory)
+        else:
+            return_freed_memory()  # a sensitivity candidate: one quantized weight, only the temporaries to return
         return error
 
     def quantizable_names(self) -> List[str]:
         """The op nodes insert-qdq quantizes (those that read a dequantized value), by name."""
-        quantized = self._quantize(()).graph
-        return [n.name for n in quantized.call_nodes() if n.target in quantizable_ops() and _reads_dequantized(n)]
+        if self._names is None:
+            quantized = self._quantize(()).graph
+            self._names = [n.name for n in quantized.call_nodes()
+                           if n.target in quantizable_ops() and _reads_dequantized(n)]
+            del quantized
+            release_dropped_graphs()
+        return self._names
 
     def _quantize(self, keep_float: Tuple[str, ...]):
         return InsertQDQ(scheme=self.scheme, activation_matmuls=self.activation_matmuls, skip=keep_float)(self.graph)
@@ -180,9 +190,10 @@ def check_options(where: str, tolerance: float, scheme: str) -> None:
         raise PassError(f"{where}: unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
 
 
-def _batches(data) -> List[tuple]:
-    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
-    if not batches:
+def _batches(data) -> Batches:
+    """``data`` streamed: iterated afresh for the reference and for every candidate, never copied."""
+    batches = as_batches(data)
+    if batches.is_empty():
         raise PassError("mixed-precision: no data; pass at least one input tuple (a calibration batch)")
     return batches
 

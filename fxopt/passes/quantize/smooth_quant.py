@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import meta as M
+from fxopt.ir.batches import streamed
 from fxopt.ir.graph import Graph
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.driver import Rewriter
@@ -79,11 +80,17 @@ def smoothable_groups(graph: Graph) -> Dict[fx.Node, List[fx.Node]]:
 
 def smoothing_factors(act_absmax: torch.Tensor, weights: List[torch.Tensor], alpha: float) -> torch.Tensor:
     """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``, rounded to a power of two; 1 where either is 0."""
-    w_absmax = torch.stack([w.detach().double().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    w_absmax = torch.stack([_column_absmax(w.detach()) for w in weights]).amax(dim=0).double()
     x_absmax = act_absmax.double()
     s = x_absmax.pow(alpha) / w_absmax.pow(1 - alpha)
     s = torch.where((x_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
     return torch.exp2(torch.round(torch.log2(s.clamp(MIN_FACTOR, MAX_FACTOR))))
+
+
+def _column_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """``max|W[:, j]|`` per input column, exact in the weight's dtype, without a weight-sized temporary."""
+    lo, hi = torch.aminmax(weight, dim=0)
+    return torch.maximum(hi, -lo)
 
 
 @register_pass
@@ -176,17 +183,26 @@ class SmoothQuant(Pass):
 
     @staticmethod
     def _scale_param(graph: Graph, node: fx.Node, index: int, factor: torch.Tensor) -> None:
-        """Give ``node``'s argument ``index`` (a weight) a new tensor: the old one times ``factor``."""
+        """Give ``node``'s argument ``index`` (a weight) a new tensor: the old one times ``factor``.
+
+        The factors are powers of two, so the product is exact in float32 (float64 for float64 weights) and
+        needs no wider temporary: the new tensor is the only allocation.
+        """
         old = node.args[index]
         tensor = graph.param(old)
-        scaled = (tensor.detach().double() * factor).to(tensor.dtype)
+        exact = torch.promote_types(tensor.dtype, torch.float32)
+        scaled = (tensor.detach() * factor.to(exact)).to(tensor.dtype)
         node.update_arg(index, graph.add_param(f"{old.target}_smoothed", scaled, before=node))
 
 
 def calibrate_smoothed(graph: Graph, data: Iterable, alpha: float = 0.5, progress: bool = True,
                        **calibrate_options) -> Graph:
-    """Calibrate, smooth-quant, calibrate again: a graph ready for insert-qdq{scheme=static} or mixed-precision."""
-    data = list(data)  # iterated twice
-    calibrated = calibrate(graph, data, progress=progress, **calibrate_options)
-    smoothed = SmoothQuant(alpha=alpha)(calibrated).graph
-    return calibrate(smoothed, data, progress=progress, **calibrate_options)
+    """Calibrate, smooth-quant, calibrate again: a graph ready for insert-qdq{scheme=static} or mixed-precision.
+
+    ``data`` is iterated twice, never held: a one-shot iterator is spilled to disk (``fxopt.ir.batches``).
+    """
+    with streamed(data) as batches:
+        calibrated = calibrate(graph, batches, progress=progress, **calibrate_options)
+        smoothed = SmoothQuant(alpha=alpha)(calibrated).graph
+        del calibrated
+        return calibrate(smoothed, batches, progress=progress, **calibrate_options)
