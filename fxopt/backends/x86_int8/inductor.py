@@ -35,6 +35,7 @@ import torch.fx as fx
 from fxopt.errors import InputError
 from fxopt.ir.graph import Graph
 from fxopt.ir.ops import EPILOGUE_ACTIVATIONS, fxopt_ops
+from fxopt.passes.quantize.mixed_precision import relative_output_error
 
 #: How ``lower`` picks between the eager oneDNN kernels and the Inductor-compiled graph when not told:
 #: ``auto`` (compile where a C++ compiler exists, keep the faster), ``always`` or ``never``.
@@ -217,9 +218,7 @@ def _compile_and_check(graph: Graph, eager: Callable, inputs: Sequence[torch.Ten
 
 
 def _relative_error(got, expected) -> float:
-    pairs = zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected))
-    worst = 0.0
-    for a, b in pairs:
-        if isinstance(b, torch.Tensor) and b.is_floating_point():
-            worst = max(worst, ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item())
-    return worst
+    """``||y - ŷ|| / ||y||`` over every float output (mixed precision's metric)."""
+    floats = lambda out: [t for t in torch.utils._pytree.tree_leaves(out)  # noqa: E731
+                          if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return relative_output_error([floats(expected)], [floats(got)])
