@@ -101,6 +101,7 @@ def inductor_graph(graph: Graph) -> fx.GraphModule:
     zero points (Inductor's ``dequantize_per_channel`` lowering requires them).
     """
     work = graph.copy()
+    work.fx_graph.eliminate_dead_code()  # e.g. the dequantized tables that ``lower``'s int8 embeddings replaced
     linear_act = fxopt_ops().linear_act.default
     for node in list(work.call_nodes(linear_act)):
         x, weight, bias, activation = node.args
@@ -147,8 +148,13 @@ class CompiledGraph:
 
 
 def choose(graph: Graph, eager: Callable, mode: str, inputs: Sequence[torch.Tensor], exact_codes: bool,
-           progress: bool = False) -> Tuple[Callable, CompileOutcome]:
-    """The faster of the eager kernels and the compiled graph (or what ``mode`` forces), with why."""
+           progress: bool = False, compile_source: Optional[Graph] = None) -> Tuple[Callable, CompileOutcome]:
+    """The faster of the eager kernels and the compiled graph (or what ``mode`` forces), with why.
+
+    ``graph`` is the quantized graph the outputs are checked against; ``compile_source``
+    (default ``graph``) is what Inductor compiles: the same computation, e.g. with
+    embeddings that gather int8 rows (``lower`` passes that, see ``lower._compile_source``).
+    """
     refusal = _why_not_compile(graph, mode, exact_codes)
     if refusal:
         return eager, CompileOutcome("eager-kernels", refusal)
@@ -156,7 +162,8 @@ def choose(graph: Graph, eager: Callable, mode: str, inputs: Sequence[torch.Tens
         print("fxopt x86-int8: compiling with TorchInductor and timing its GEMM kernels (once; about a minute for "
               "BERT-base on 16 cores) ...", file=sys.stderr, flush=True)
     try:
-        compiled, seconds, compiled_err, eager_err = _compile_and_check(graph, eager, inputs)
+        compiled, seconds, compiled_err, eager_err = _compile_and_check(graph, compile_source or graph, eager,
+                                                                        inputs)
     except Exception as exc:  # Inductor failures must not break lowering: the eager kernels always work
         first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
         return eager, CompileOutcome("eager-kernels", f"TorchInductor failed: {type(exc).__name__}: {first_line}")
@@ -204,16 +211,22 @@ def _faster(eager: Callable, compiled: Callable, inputs, compile_seconds: float)
     return (compiled if faster else eager), outcome
 
 
-def _compile_and_check(graph: Graph, eager: Callable, inputs: Sequence[torch.Tensor]
+def _compile_and_check(graph: Graph, source: Graph, eager: Callable, inputs: Sequence[torch.Tensor]
                        ) -> Tuple[Callable, float, float, float]:
-    """The compiled graph, its compile seconds, and its and the eager kernels' relative error to the Q/DQ graph."""
-    compiled = CompiledGraph(graph)
+    """The compiled ``source``, its compile seconds, and its and the eager kernels' relative error to ``graph``'s
+    output (its Q/DQ ops run in float).
+
+    The order keeps the peak low: the Q/DQ graph's run (it dequantizes every
+    weight) before the compile, the eager kernels' (which packs their weights)
+    after its temporaries are gone.
+    """
     with torch.inference_mode():
+        reference = graph.module(*inputs)
+        compiled = CompiledGraph(source)
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # Inductor prints every GEMM's autotuning table
             got = compiled(*inputs)
         seconds = time.perf_counter() - started
-        reference = graph.module(*inputs)
         return compiled, round(seconds, 1), _relative_error(got, reference), _relative_error(eager(*inputs), reference)
 
 

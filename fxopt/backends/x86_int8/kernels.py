@@ -1,7 +1,8 @@
 """The int8 kernels of the x86 backend: oneDNN's int8 GEMM as shipped inside PyTorch.
 
 ``Int8Linear`` holds one linear layer: its int8 weight prepacked once for
-oneDNN (``onednn::qlinear_prepack``), per-output-channel weight scales, the
+oneDNN (``onednn::qlinear_prepack``; on the first call, so that none is held
+while TorchInductor compiles its own), per-output-channel weight scales, the
 float bias and the activation's quantization. One call quantizes the float
 input to uint8 codes (or takes codes from the previous layer), multiplies
 ``u8 x s8`` into int32 and, in the same kernel, scales to float, adds the bias,
@@ -107,13 +108,20 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", weight_scale.detach().float().contiguous())
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.int64))
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self.packed = torch.ops.onednn.qlinear_prepack(self.weight_codes, None)
+        self._packed: Optional[torch.Tensor] = None
         self.input_codes = input_codes
         self.activation = activation
         self.isa_levels = isa_levels
         self.takes_codes = False
         self.output_codes: Optional[ActivationCodes] = None
         self.register_buffer("input_multiplier", None)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The weight in oneDNN's blocked layout, made on first use (as large as the int8 weight)."""
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.weight_codes, None)
+        return self._packed
 
     def multiply_input(self, multiplier: torch.Tensor) -> None:
         """Quantize ``x * multiplier`` instead of ``x``."""

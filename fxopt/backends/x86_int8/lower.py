@@ -39,6 +39,7 @@ from fxopt.backends.x86_int8.kernels import FUSED_ACTIVATIONS, ActivationCodes, 
 from fxopt.errors import describe_node, op_name
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
+from fxopt.ir.memory import release_dropped_graphs
 from fxopt.ir.ops import fxopt_ops
 
 aten = torch.ops.aten
@@ -91,7 +92,7 @@ class X86Int8Module:
     def __init__(self, graph: Graph, module: fx.GraphModule, isa: Isa, report: LoweringReport,
                  forward: Optional[Callable] = None):
         self.graph = graph  # the quantized source graph (what an artifact stores)
-        self.module = module  # the graph on the eager int8 kernels
+        self.module = module  # the graph on the eager int8 kernels; None when the compiled graph runs (freed)
         self.forward = forward or module  # what a call runs: ``module``, or the Inductor-compiled graph
         self.isa = isa
         self.report = report
@@ -122,8 +123,9 @@ def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True, compile: O
     work = graph.copy()
     report = LoweringReport(isa.name)
     _fold_weight_upcasts(work)
-    _lower_linears(work, isa, report)
     _lower_embeddings(work, report)
+    compile_source = work.copy() if mode != "never" else None
+    _lower_linears(work, isa, report)
     work.fx_graph.eliminate_dead_code()
     _fold_weight_dequantize(work, report)
     _fuse_requantization(work, report)
@@ -134,8 +136,13 @@ def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True, compile: O
         _warn(report)
     inputs = tuple(example_inputs) if example_inputs is not None else graph.sample_inputs()
     forward, report.compiled = inductor.choose(graph, work.module, mode, inputs,
-                                               exact_codes=not report.inexact_activation_codes, progress=progress)
-    return X86Int8Module(graph, work.module, isa, report, forward)
+                                               exact_codes=not report.inexact_activation_codes, progress=progress,
+                                               compile_source=compile_source)
+    if forward is work.module:
+        return X86Int8Module(graph, work.module, isa, report)
+    del work
+    release_dropped_graphs()  # the eager kernels' float and packed weights: the compiled graph has its own
+    return X86Int8Module(graph, None, isa, report, forward)
 
 
 def load(directory, allow_torch_mismatch: bool = False, compile: Optional[str] = None) -> X86Int8Module:
