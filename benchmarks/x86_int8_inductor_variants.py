@@ -6,8 +6,10 @@
 ``latency``: one MiniLM optimized for x86-int8 with ``compile=never``, then the
 same quantized graph compiled twice (``options=None``: every GEMM is oneDNN's
 ``qlinear_pointwise``; ``max_autotune`` with the CPP and ATen backends: each GEMM
-timed as oneDNN and as Inductor's C++ micro-kernel); ``--rounds`` interleaved
-medians of each, with eager fp32 as the baseline.
+timed as oneDNN and as Inductor's C++ micro-kernel), and what ``lower(compile="always")``
+runs (``max_autotune`` on the graph with int8 embeddings that gather rows, instead of
+the dequantized tables the plain graph has); ``--rounds`` interleaved medians of
+each, with eager fp32 as the baseline.
 
 ``fidelity``: an artifact from ``benchmarks/x86_int8_fidelity.py build``, run on
 each path: relative error of the last hidden state to the quantized graph (its
@@ -59,8 +61,9 @@ def latency(args) -> None:
     inputs = (enc["input_ids"], enc["attention_mask"])
     optimized = fxopt.optimize(model, inputs, target="x86-int8", calibration_data=[inputs], progress=False)
     eager = x86_int8.lower(optimized.graph, compile="never", warn=False)
+    lowered = x86_int8.lower(optimized.graph, compile="always", warn=False, example_inputs=inputs)
     candidates = {"fp32": lambda *x: model(*x), "eager-kernels": eager,
-                  **compiled_variants(optimized.graph, inputs)}
+                  **compiled_variants(optimized.graph, inputs), "lower-always": lowered}
     for round_ in range(args.rounds):
         medians = compare_latency(candidates, inputs, repeats=args.repeats)
         print(f"round {round_ + 1}: " + ", ".join(f"{name} {seconds * 1e3:.2f} ms ({medians['fp32'] / seconds:.2f}x)"
