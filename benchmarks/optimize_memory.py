@@ -61,12 +61,16 @@ Where the memory goes (profiled with `VmHWM` read and reset around each step; th
   - *Calibration streams*: a generator is spilled batch by batch to a temporary safetensors directory
     and read back per pass; a list or DataLoader is iterated again per pass, never copied
     (`fxopt.ir.batches`; `tests/test_calibration_streaming.py`).
-- **What is left.** Without the compile (`x86-int8@never`) the highest steps are GPTQ's Hessian pass and a
-  sensitivity candidate's run (~2.8x: the 2.5x steady state plus a 128 MB Hessian chunk or a forward's
-  activations). With the default `compile="auto"`, `x86_int8.lower` compiles the quantized graph with
-  TorchInductor (freezing, max-autotune) and that compile is the peak: ~+490 MB over the ~2.1x the model,
-  the quantized graph and the eager kernels' prepared weights hold when it starts. That part is in the
-  backend (`fxopt/backends/x86_int8/inductor.py`), not in optimize's own steps.
+- **Lowering with the Inductor compile** (x86-int8's default, 3.23x before this round): profiled on a saved
+  BERT-base artifact with a thread that records the stack at each new resident high. The peak was Inductor's
+  constant folding dequantizing the int8 word-embedding table (an int64 temporary of 188 MB, then fp32),
+  on top of the eager kernels' packed and float weights, with the Q/DQ reference run after the compile.
+  Now Inductor compiles the graph with the int8 embeddings already lowered (gather int8 rows, then scale),
+  the reference runs before the compile and the eager kernels after it, `Int8Linear` packs its weight on
+  its first call, and the eager kernels are freed when the compiled graph wins. The compile's own peak
+  went from +434 to +288 MB over the quantized graph, and it is no longer optimize's highest step.
+- **What is left.** The highest steps are GPTQ's Hessian pass and a sensitivity candidate's run (~2.8x: the
+  2.5x steady state plus a 128 MB Hessian chunk or a forward's activations), for both kernel paths.
 """
 
 
