@@ -140,8 +140,9 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
         # compared before lowering, and the fused graph (its merged weights) dropped: lowering is the peak
         layer_errors = per_layer_error(result.graph, quantized, tuple(example_inputs))
+        fused_bytes = result.graph.size_bytes_not_in(original)
         del result
-        release_dropped_graphs()
+        release_dropped_graphs(fused_bytes)
         runner = x86_int8.lower(quantized, example_inputs=tuple(example_inputs), progress=progress)
         stats["lowering"] = runner.report.as_dict()
         stats["per_layer_error"] = layer_errors
@@ -250,8 +251,9 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: 
         else:
             skip = ()
     quantized = insert_qdq_for_x86(calibrated, skip)
+    smoothed_bytes = calibrated.size_bytes_not_in(graph)
     del calibrated
-    release_dropped_graphs()  # the smoothed float weights, as large as the linears, go with the calibrated graph
+    release_dropped_graphs(smoothed_bytes)  # the smoothed float weights, as large as the linears, go with it
     return quantized
 
 

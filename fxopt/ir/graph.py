@@ -169,6 +169,12 @@ class Graph:
         """Bytes of weight storage, each shared tensor counted once."""
         return sum(t.numel() * t.element_size() for t in self._unique_params())
 
+    def size_bytes_not_in(self, other: "Graph") -> int:
+        """Bytes of weight storage that ``other`` does not share: what dropping this graph can free."""
+        shared = {t.untyped_storage().data_ptr() for t in other.params().values()}
+        return sum(t.numel() * t.element_size() for t in self._unique_params()
+                   if t.untyped_storage().data_ptr() not in shared)
+
     def _unique_params(self) -> List[torch.Tensor]:
         seen, out = set(), []
         for t in self.params().values():

@@ -9,9 +9,11 @@ millisecond and is a no-op where the C library is not glibc.
 
 A dropped ``Graph`` is not freed when its last reference goes: an fx graph is a web of reference cycles
 (nodes and their graph, the module and its graph), so its weights wait for Python's cyclic collector,
-which may not run for a long time. ``release_dropped_graphs()`` runs it (about 0.2 s on BERT-base), then
-``malloc_trim``: call it where a step has dropped a graph that held large weights of its own (the
-smoothed weights, a fully quantized copy).
+which may not run for a long time. ``release_dropped_graphs(dropped_bytes)`` runs it, then ``malloc_trim``:
+call it where a step has dropped a graph, with the bytes of the weights it held of its own (the smoothed
+weights, a fully quantized copy). A full collection walks every object of the process, however little it
+frees (0.2 s on BERT-base, about a second late in the test suite), so it runs once the graphs dropped since
+the last one add up to :data:`COLLECT_STEP_BYTES`; a few small graphs wait for the collector's own schedule.
 
 Where the holes come from is not always a loop fxopt owns: a persistent small tensor allocated mid-run
 (an observer's range, a quantized weight's codes) is carved out of a freed activation's chunk, so the
@@ -29,11 +31,16 @@ import functools
 import gc
 import os
 import threading
+from typing import Optional
 
 #: Growth of the resident set, since the last trim, that makes :func:`trimming_while_resident_grows` trim.
 TRIM_STEP_BYTES = 32 * 2**20
 #: How often that thread reads the resident set (about 10 us per read).
 TRIM_POLL_SECONDS = 0.002
+#: Weights of dropped graphs that :func:`release_dropped_graphs` lets wait for the cyclic collector.
+COLLECT_STEP_BYTES = 32 * 2**20
+
+_uncollected_bytes = 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,9 +59,17 @@ def return_freed_memory() -> None:
         trim(0)
 
 
-def release_dropped_graphs() -> None:
-    """Collect unreachable graphs (reference cycles) and their tensors, then :func:`return_freed_memory`."""
-    gc.collect()
+def release_dropped_graphs(dropped_bytes: Optional[int] = None) -> None:
+    """Collect unreachable graphs (reference cycles) and their tensors, then :func:`return_freed_memory`.
+
+    With ``dropped_bytes`` (the weights of its own that the dropped graph held), collect only once the graphs
+    dropped since the last collection held :data:`COLLECT_STEP_BYTES`; without it, collect now.
+    """
+    global _uncollected_bytes
+    _uncollected_bytes += dropped_bytes or 0
+    if dropped_bytes is None or _uncollected_bytes >= COLLECT_STEP_BYTES:
+        gc.collect()
+        _uncollected_bytes = 0
     return_freed_memory()
 
 

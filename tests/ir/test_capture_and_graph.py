@@ -91,6 +91,14 @@ def test_param_count_and_size_count_shared_tensors_once():
     assert graph.param_count() == sum(p.numel() for p in model.parameters())
 
 
+def test_size_bytes_not_in_counts_only_the_weights_the_other_graph_lacks():
+    graph = fxopt.capture(Small(), (torch.randn(2, 4),))
+    changed = graph.copy()
+    assert changed.size_bytes_not_in(graph) == 0
+    changed.replace_param("lin_weight", torch.zeros(6, 4, dtype=torch.int8))
+    assert changed.size_bytes_not_in(graph) == 24 and graph.size_bytes_not_in(changed) == 6 * 4 * 4
+
+
 def test_param_on_non_weight_node_is_an_error():
     graph = fxopt.capture(Small(), (torch.randn(2, 4),))
     with pytest.raises(MetadataError, match=r"%linear \(aten.linear.default\): is not a weight"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from hypothesis import assume, given
+from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import fxopt
@@ -103,26 +103,32 @@ def check_linear_bounds(original, quantized, inputs):
     return checked
 
 
-@pytest.mark.parametrize("scheme", ["static", "weight-only"])
 @examples(25)
 @given(case=float32_cases())
-def test_int8_linear_error_within_the_analytic_bound(scheme, case):
-    graph = fxopt.capture(case.model, case.inputs)
+def test_int8_linear_error_within_the_analytic_bound(case):
+    graph = fxopt.capture(case.model, case.inputs)  # once for every scheme: the capture is most of the time
     linears = count(graph, aten.linear.default)
     assume(linears > 0)
-    result = quantize(graph, case.inputs, scheme)
-    assert check_linear_bounds(graph, result.graph, case.inputs) == linears
+    for scheme in ("static", "weight-only"):
+        note(f"scheme={scheme}")
+        result = quantize(graph, case.inputs, scheme)
+        assert check_linear_bounds(graph, result.graph, case.inputs) == linears
 
 
 # --------------------------------------------------- runs, exports, verifies
-@pytest.mark.parametrize("scheme", SCHEMES)
 @examples(25)
 @given(case=float32_cases())
-def test_quantized_graph_runs_exports_and_verifies(scheme, case):
-    graph = fxopt.capture(case.model, case.inputs)
+def test_quantized_graph_runs_exports_and_verifies(case):
+    graph = fxopt.capture(case.model, case.inputs)  # once for every scheme: the capture is most of the time
     n_ops = sum(count(graph, t) for t in fxopt.passes.quantize.quantizable_ops())
     assume(n_ops > 0)  # a stack of only redundant ops has nothing to quantize
-    result = quantize(graph, case.inputs, scheme)
+    for scheme in SCHEMES:
+        note(f"scheme={scheme}")
+        check_quantized_graph(graph, case.inputs, n_ops, scheme)
+
+
+def check_quantized_graph(graph, inputs, n_ops, scheme):
+    result = quantize(graph, inputs, scheme)
     quantized = result.graph
     quantized.verify()
     assert result.stats["0:insert-qdq"]["quantized_ops"] == n_ops
@@ -131,10 +137,10 @@ def test_quantized_graph_runs_exports_and_verifies(scheme, case):
     q_acts = count(quantized, QD.quantize_per_tensor.default) + count(quantized, QD.quantize_per_tensor.tensor)
     assert q_acts == result.stats["0:insert-qdq"]["activations"]
     assert (q_acts == 0) == (scheme == "weight-only")
-    out = quantized(*case.inputs)
+    out = quantized(*inputs)
     assert torch.isfinite(out).all()
-    exported = torch.export.export(quantized.module, case.inputs, strict=False)
-    assert torch.equal(exported.module()(*case.inputs), out)
+    exported = torch.export.export(quantized.module, inputs, strict=False)
+    assert torch.equal(exported.module()(*inputs), out)
 
 
 # --------------------------------------------------- storage and folding

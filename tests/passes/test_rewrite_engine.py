@@ -35,12 +35,19 @@ def declarative_linear_relu():
                      linear_relu_rewrite)
 
 
+@pytest.fixture(scope="module")
+def both_styles():
+    """Built once: the by-example pattern traces two functions through torch.export, about as long as the
+    rest of an example takes."""
+    return example_linear_relu(), declarative_linear_relu()
+
+
 @examples(100)
 @given(case=token_model_cases())
-def test_both_styles_rewrite_every_linear_relu_and_keep_outputs(case):
+def test_both_styles_rewrite_every_linear_relu_and_keep_outputs(both_styles, case):
     graph = fxopt.capture(case.model, case.inputs)
     expected = case.counts["linear-relu"]
-    for pattern in (example_linear_relu(), declarative_linear_relu()):
+    for pattern in both_styles:
         rewritten = graph.copy()
         stats = apply_patterns(rewritten, [pattern])
         rewritten.recompile()
@@ -54,8 +61,8 @@ def test_both_styles_rewrite_every_linear_relu_and_keep_outputs(case):
 @pytest.mark.slow
 @examples(500)
 @given(case=token_model_cases())
-def test_both_styles_long_fuzz(case):
-    test_both_styles_rewrite_every_linear_relu_and_keep_outputs.hypothesis.inner_test(case)
+def test_both_styles_long_fuzz(both_styles, case):
+    test_both_styles_rewrite_every_linear_relu_and_keep_outputs.hypothesis.inner_test(both_styles, case)
 
 
 class TwoBranches(nn.Module):

@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 from fxopt.errors import PassError, op_name
 from fxopt.ir.batches import Batches, as_batches
 from fxopt.ir.graph import Graph
-from fxopt.ir.memory import release_dropped_graphs, return_freed_memory
+from fxopt.ir.memory import release_dropped_graphs
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.quantize.calibrate import calibration_sample, quantizable_ops
@@ -121,11 +121,9 @@ class _ErrorMeter:
     def __call__(self, keep_float: Tuple[str, ...]) -> float:
         quantized = self._quantize(keep_float).graph
         error = self.metric(self.reference, run_outputs(quantized, self.data))
+        quantized_bytes = quantized.size_bytes_not_in(self.graph)
         del quantized
-        if len(keep_float) < len(self.quantizable_names()) - 1:
-            release_dropped_graphs()  # its quantized weights wait for the cyclic collector (fxopt.ir.memory)
-        else:
-            return_freed_memory()  # a sensitivity candidate: one quantized weight, only the temporaries to return
+        release_dropped_graphs(quantized_bytes)  # its quantized weights wait for the cyclic collector (fxopt.ir.memory)
         return error
 
     def quantizable_names(self) -> List[str]:
@@ -134,8 +132,9 @@ class _ErrorMeter:
             quantized = self._quantize(()).graph
             self._names = [n.name for n in quantized.call_nodes()
                            if n.target in quantizable_ops() and _reads_dequantized(n)]
+            quantized_bytes = quantized.size_bytes_not_in(self.graph)
             del quantized
-            release_dropped_graphs()
+            release_dropped_graphs(quantized_bytes)
         return self._names
 
     def _quantize(self, keep_float: Tuple[str, ...]):
