@@ -254,6 +254,39 @@ def test_a_fresh_process_loads_and_runs_without_the_model_class(tmp_path):
     assert done.stdout.strip() == "ok eager"
 
 
+FRESH_OPTIMIZED = textwrap.dedent("""
+    import sys
+    import torch
+    from safetensors.torch import load_file
+    import fxopt
+    data = {k: v.clone() for k, v in load_file(sys.argv[2]).items()}  # aligned, as the inputs that made them
+    loaded = fxopt.load(sys.argv[1])
+    out = loaded(data["x"], data["mask"])
+    for key in ("y", "pooled"):
+        assert torch.equal(out[key], data[key]), (key, (out[key] - data[key]).abs().max())
+    assert "tests" not in sys.modules
+    print("ok", loaded.target)
+""")
+
+
+@pytest.mark.parametrize("target", ["eager", "x86-int8"])
+def test_optimize_save_then_load_in_a_fresh_process_gives_the_same_outputs(tmp_path, target):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 5, generator=gen)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    calibration = [(torch.randn(2, 3, 5, generator=gen), mask) for _ in range(4)]
+    optimized = fxopt.optimize(ModelOnlyInThisModule().eval(), (x, mask), target=target,
+                               calibration_data=calibration if target == "x86-int8" else None, progress=False)
+    expected = optimized(x, mask)
+    optimized.save(tmp_path / "model")
+    save_file({"x": x, "mask": mask, **expected}, str(tmp_path / "expected.safetensors"))
+    done = subprocess.run([sys.executable, "-c", FRESH_OPTIMIZED, str(tmp_path / "model"),
+                           str(tmp_path / "expected.safetensors")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["ok", target]
+
+
 # ------------------------------------------------------------------ damage
 @pytest.fixture
 def saved(tmp_path):
