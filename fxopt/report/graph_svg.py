@@ -75,40 +75,95 @@ def _module_path(node) -> Optional[str]:
 
 # ================================================================ collapse
 def collapse(outline: dict) -> Tuple[List[dict], List[Tuple[int, int]]]:
-    """The items to draw (ops, and one item per repeated block) and the edges between them, by item index."""
+    """The items to draw (ops, and one item per repeated block) and the edges between them, by item index.
+
+    Quantize/dequantize ops are matched as part of the op they feed: after mixed precision some layers keep a
+    float linear, and a 12-layer BERT should still be one "x12" box (which says how many int8 ops each copy has).
+    """
     ops = [n for n in outline["nodes"] if n["kind"] not in ("input", "output")]
-    position = {n["name"]: i for i, n in enumerate(ops)}
-    preds: Dict[str, list] = {}
-    for src, dst in outline["edges"]:
-        preds.setdefault(dst, []).append(position.get(src, src))
-    modules = [n.get("module") for n in ops]
-    repeats = find_repeats([n["kind"] for n in ops], [preds.get(n["name"], []) for n in ops],
-                           modules if any(modules) else None)
-    block_of = {i: r for r in repeats for i in range(r.start, r.stop)}
+    kind_of = {n["name"]: n["kind"] for n in outline["nodes"]}
+    quant = {n["name"] for n in ops if _is_quantization(n)}
+    shown = [n for n in ops if n["name"] not in quant]
+    position = {n["name"]: i for i, n in enumerate(shown)}
+    preds, succs = _adjacency(outline["edges"])
+    refs = [_refs_through_quantization(preds.get(n["name"], []), preds, quant, position) for n in shown]
+    modules = [n.get("module") for n in shown]
+    repeats = find_repeats([n["kind"] for n in shown], refs, modules if any(modules) else None)
+    block_of = {shown[i]["name"]: r for r in repeats for i in range(r.start, r.stop)}
+    block_of.update(_quantization_blocks(quant, succs, block_of))
     items, item_of, block_item = [], {}, {}
     for node in outline["nodes"]:
-        i = position.get(node["name"])
-        repeat = block_of.get(i) if i is not None else None
+        repeat = block_of.get(node["name"])
         if repeat is None:
             item_of[node["name"]] = len(items)
             items.append({"type": "op", **node})
             continue
         if repeat.start not in block_item:
             block_item[repeat.start] = len(items)
-            items.append(_block_item(ops, repeat))
+            items.append(_block_item(shown, repeat, _int8_ops_per_copy(shown, repeat, preds, kind_of)))
         item_of[node["name"]] = block_item[repeat.start]
     edges = sorted({(item_of[s], item_of[d]) for s, d in outline["edges"]
                     if s in item_of and d in item_of and item_of[s] != item_of[d]})
     return items, edges
 
 
-def _block_item(ops: List[dict], repeat: Repeat) -> dict:
+def _is_quantization(node: dict) -> bool:
+    return op_kinds.op_category(node["kind"]) == "quant"
+
+
+def _adjacency(edges) -> Tuple[Dict[str, list], Dict[str, list]]:
+    preds: Dict[str, list] = {}
+    succs: Dict[str, list] = {}
+    for src, dst in edges:
+        preds.setdefault(dst, []).append(src)
+        succs.setdefault(src, []).append(dst)
+    return preds, succs
+
+
+def _refs_through_quantization(sources, preds, quant, position) -> list:
+    """An op's inputs as repeat references, looking through quantize/dequantize ops to what they quantize
+    (a weight's dequantize has no op input: it drops out, like the float weight it replaces)."""
+    refs = []
+    for src in sources:
+        if src in quant:
+            refs += _refs_through_quantization(preds.get(src, []), preds, quant, position)
+        else:
+            refs.append(position.get(src, src))
+    return refs
+
+
+def _quantization_blocks(quant, succs, block_of) -> Dict[str, Repeat]:
+    """Each quantize/dequantize op whose every consumer lies in one repeated block belongs to that block."""
+    found: Dict[str, Repeat] = {}
+
+    def consumers(name):
+        for dst in succs.get(name, []):
+            yield from consumers(dst) if dst in quant else (dst,)
+
+    for name in quant:
+        blocks = {id(block_of.get(dst)): block_of.get(dst) for dst in consumers(name)}
+        if len(blocks) == 1 and None not in blocks.values():
+            found[name] = next(iter(blocks.values()))
+    return found
+
+
+def _int8_ops_per_copy(shown: List[dict], repeat: Repeat, preds, kind_of) -> List[int]:
+    """How many ops of each copy read a dequantized input (int8 GEMMs, once lowered)."""
+    def reads_int8(node):
+        return any(kind_of[src].startswith("dequantize") for src in preds.get(node["name"], []))
+
+    return [sum(reads_int8(n) for n in shown[start:start + repeat.period])
+            for start in range(repeat.start, repeat.stop, repeat.period)]
+
+
+def _block_item(ops: List[dict], repeat: Repeat, int8_per_copy: List[int]) -> dict:
     first = ops[repeat.start:repeat.start + repeat.period]
     last = ops[repeat.stop - repeat.period:repeat.stop]
     counts = Counter(n["kind"] for n in first)
     ranked = sorted(counts.items(), key=lambda kv: (_CATEGORY_ORDER[op_kinds.op_category(kv[0])], -kv[1], kv[0]))
     return {"type": "block", "start": repeat.start, "period": repeat.period, "count": repeat.count,
-            "kinds": ranked, "modules": (_common_module(first), _common_module(last))}
+            "kinds": ranked, "modules": (_common_module(first), _common_module(last)),
+            "int8_per_copy": int8_per_copy}
 
 
 def _common_module(ops: List[dict]) -> Optional[str]:
@@ -163,10 +218,18 @@ def _lines(item: dict) -> List[str]:
                 rows.append(row)
                 row = ""
             row = f"{row}, {text}" if row else text
-        return [title] + rows + [row]
+        return [title] + rows + [row] + _int8_line(item.get("int8_per_copy", []))
     shape = "" if item.get("shape") is None else "[" + ", ".join(str(d) for d in item["shape"]) + "]"
     label = item["kind"] if item["kind"] not in ("input", "output") else f"{item['kind']} {item['name']}"
     return [label, shape] if shape else [label]
+
+
+def _int8_line(per_copy: List[int]) -> List[str]:
+    if not any(per_copy):
+        return []
+    if len(set(per_copy)) == 1:
+        return [f"int8: {per_copy[0]} ops each"]
+    return ["int8 ops per copy: " + " ".join(str(n) for n in per_copy)]
 
 
 def _box(item: dict) -> Box:

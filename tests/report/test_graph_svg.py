@@ -1,13 +1,17 @@
 """graph_outline and outline_svg: JSON-able outlines, 12 stacked blocks drawn as one "x12" box (with and without
-module paths), no collapsing where blocks differ, and an SVG whose boxes and edges match the collapsed graph."""
+module paths), no collapsing where blocks differ (but layers that differ only in which linears are int8 do
+collapse), and an SVG whose boxes and edges match the collapsed graph."""
 import json
 import re
 
 import pytest
+import torch
 
+from fxopt.passes.quantize import calibrate_smoothed
+from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.report.graph_svg import collapse, graph_outline, outline_svg
 from fxopt.report.repeats import Repeat, find_repeats
-from tests.report.report_models import captured
+from tests.report.report_models import calibration_batches, captured
 
 def outline_of(acts, strip_modules=False):
     graph, _ = captured(tuple(acts))
@@ -100,3 +104,26 @@ def test_two_kinds_of_layers_each_collapse_when_cut_at_the_layer_boundary(strip_
     items, _ = collapse(outline)
     assert sorted((it["count"], it["period"]) for it in items if it["type"] == "block") == [(2, 5), (4, 5)]
     assert [it["kind"] for it in items if it["type"] == "op"] == ["input", "linear", "linear", "output"]
+
+
+def test_layers_that_differ_only_in_which_linears_are_int8_still_collapse_into_one_box():
+    """After mixed precision some layers keep float linears: quantize/dequantize ops are matched as part of the
+    op they feed, so the 12 layers stay one box, which lists how many int8 ops each copy has."""
+    graph, _ = captured(("relu",) * 12)
+    calibrated = calibrate_smoothed(graph, calibration_batches(), 0.8, progress=False)
+    linears = [n.name for n in calibrated.call_nodes() if n.target == torch.ops.aten.linear.default]
+    float_kept = [linears[3], linears[8], linears[9]]  # linears[0] is the input projection: blocks 1, 3 and 4
+    quantized = InsertQDQ(scheme="static", activation_matmuls=False, skip=float_kept)(calibrated).graph
+    outline = graph_outline(quantized)
+    items, edges = collapse(outline)
+    blocks = [it for it in items if it["type"] == "block"]
+    assert [(b["count"], b["int8_per_copy"]) for b in blocks] == [(12, [2, 1, 2, 1, 1] + [2] * 7)]
+    in_block = len(outline["nodes"]) - len(items) + 1
+    quant_ops = sum(n["kind"].startswith(("quantize", "dequantize")) for n in ops(outline))
+    assert in_block == 12 * blocks[0]["period"] + quant_ops - 2 * 3  # all but the projection's and head's Q/DQ
+    drawn = [it["kind"] for it in items if it["type"] == "op"]
+    assert drawn.count("linear") == 2 and "relu" not in drawn and "layer_norm" not in drawn
+    svg = outline_svg(outline)
+    assert "int8 ops per copy: 2 1 2 1 1 2 2 2 2 2 2 2" in svg and svg.count('class="block ') == 1
+    float_items, _ = collapse(outline_of(["relu"] * 12))
+    assert "int8" not in outline_svg(outline_of(["relu"] * 12)) and len(float_items) < len(items)
