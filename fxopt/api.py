@@ -38,7 +38,7 @@ from fxopt.passes.quantize import calibrate, calibrate_smoothed, choose_float_la
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.mixed_precision import run_outputs
 from fxopt.report.graph_svg import graph_outline
-from fxopt.report.layer_error import per_layer_error
+from fxopt.report.layer_error import padding_mask, per_layer_error
 from fxopt.search import Candidate, Tolerance, held_out_split, measure_and_choose, parse_tolerance, run_outputs_of
 
 TARGETS = ("eager", "x86-int8", "cuda")
@@ -139,7 +139,8 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, progress=progress)
         stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
         # compared before lowering, and the fused graph (its merged weights) dropped: lowering is the peak
-        layer_errors = per_layer_error(result.graph, quantized, tuple(example_inputs))
+        layer_errors = per_layer_error(result.graph, quantized, tuple(example_inputs),
+                                       mask=padding_mask(result.graph, example_inputs))
         fused_bytes = result.graph.size_bytes_not_in(original)
         del result
         release_dropped_graphs(fused_bytes)
@@ -148,7 +149,8 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         stats["per_layer_error"] = layer_errors
         return OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
     # layer by layer against the pipeline's graph (whose node names the lossy steps keep), on the example inputs
-    stats["per_layer_error"] = per_layer_error(result.graph, optimized.graph, tuple(example_inputs))
+    stats["per_layer_error"] = per_layer_error(result.graph, optimized.graph, tuple(example_inputs),
+                                               mask=padding_mask(result.graph, example_inputs))
     return optimized
 
 

@@ -1,5 +1,6 @@
 """per_layer_error: every layer found, zero against itself, int8-sized against a quantized graph, smooth-quant's
-power-of-two rescaling undone (and only then), bad inputs refused."""
+power-of-two rescaling undone (and only then), padding left out where optimize finds an attention mask, bad inputs
+refused."""
 import pytest
 import torch
 from torch.utils import _pytree as pytree
@@ -112,3 +113,21 @@ def test_bad_inputs_raise_clear_errors():
         per_layer_error(graph, quantized, [])
     with pytest.raises(InputError, match=r"input x: shape \[3, 8\] does not match"):
         per_layer_error(graph, quantized, (torch.randn(3, 8),))
+
+
+def test_optimize_leaves_padding_out_of_the_report_where_the_model_takes_an_attention_mask():
+    from fxopt.report.layer_error import padding_mask
+    from tests import models
+    model, (ids, mask) = models.tiny_bert()  # the second sequence is padded from position 8
+    graph = fxopt.capture(model, (ids, mask))
+    found = padding_mask(graph, (ids, mask))
+    assert torch.equal(found((ids, mask)), mask.bool())
+    assert padding_mask(captured()[0], captured()[1]) is None  # no attention_mask input: compared in full
+    optimized = fxopt.optimize(model, (ids, mask), target="x86-int8", calibration_data=[(ids, mask)] * 2,
+                               progress=False)
+    errors = optimized.report()["per_layer_error"]
+    seq_shaped = [e for e in errors if len(e["shape"]) >= 3]
+    assert seq_shaped and all(e["masked"] for e in seq_shaped)
+    unmasked = {e["node"]: e["rel_err"] for e in per_layer_error(
+        fxopt.Pipeline("fuse")(graph).graph, optimized.graph, (ids, mask))}
+    assert any(abs(e["rel_err"] - unmasked[e["node"]]) > 1e-4 for e in seq_shaped if e["node"] in unmasked)
