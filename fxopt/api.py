@@ -167,7 +167,7 @@ def _search(original: Graph, fused: Graph, spec: str, example_inputs, target: st
     with _calibration_batches(example_inputs, calibration_data, warn=target != "eager") as batches:
         fit, check = held_out_split(batches)
         candidates = list(_candidates(original, fused, spec, target, fit, tolerance, progress))
-        found = measure_and_choose(candidates, original, check, example_inputs, tolerance)
+        found = measure_and_choose(candidates, original, check, example_inputs, tolerance, progress=progress)
     if progress:
         print(f"fxopt search ({target}, tolerance {tolerance.describe()}), measured on this machine:\n"
               f"{found.table()}")

@@ -196,14 +196,17 @@ def _fidelity_cell(fidelity: Dict[str, float], tolerance: Tolerance) -> str:
 
 
 def measure_and_choose(candidates: Sequence[Candidate], original: Graph, batches: Sequence[tuple],
-                       example_inputs: Sequence, tolerance: Tolerance, repeats: int = 10) -> SearchResult:
+                       example_inputs: Sequence, tolerance: Tolerance, repeats: int = 10,
+                       progress: bool = False) -> SearchResult:
     """Measure every candidate's fidelity and latency (with the original's, same run); pick the fastest that meets."""
+    from tqdm.auto import tqdm
+
     reference = run_outputs(original, batches)
-    for candidate in candidates:
+    for candidate in tqdm(candidates, desc="fidelity", unit="candidate", disable=not progress, leave=False):
         candidate.fidelity = _fidelity(candidate, batches, reference, tolerance)
         candidate.meets = tolerance.meets(candidate.fidelity.get(tolerance.kind, float("nan")))
     timed = {"original": original.run, **{c.name: c.runner for c in candidates}}
-    seconds = compare_latency(timed, example_inputs, repeats=repeats)
+    seconds = compare_latency(timed, example_inputs, repeats=repeats, progress=progress)
     base = seconds["original"]
     for candidate in candidates:
         candidate.latency_ms = seconds[candidate.name] * 1e3

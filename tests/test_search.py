@@ -1,6 +1,7 @@
 """The accuracy-aware search: tolerances, measured ranking, and optimize(tolerance=...) end to end."""
 from __future__ import annotations
 
+import re
 import time
 import warnings
 
@@ -77,6 +78,19 @@ def test_the_fastest_candidate_within_tolerance_wins_by_measured_latency():
     swapped = measure_and_choose(_candidates(graph, 0.0, 0.02), graph, data, data[0], parse_tolerance(10.0), repeats=3)
     assert swapped.chosen.name == "exact-slow"
     assert "noisy-fast" in swapped.table() and "* exact-slow" in swapped.table()
+
+
+def test_measuring_shows_progress_bars_only_when_asked(capsys):
+    graph = fxopt.capture(mlp(), batches(1)[0])
+    data = batches(2)
+    measure_and_choose(_candidates(graph, 0.0, 0.0), graph, data, data[0], parse_tolerance(10.0), repeats=3)
+    assert capsys.readouterr().err == ""
+    measure_and_choose(_candidates(graph, 0.0, 0.0), graph, data, data[0], parse_tolerance(10.0), repeats=3,
+                       progress=True)
+    bars = re.split(r"[\r\n]", capsys.readouterr().err)
+    # each bar shows its total from the start (tqdm may skip the final redraw of a bar that finishes fast)
+    assert any(bar.startswith("fidelity") and "/2 [" in bar and "candidate" in bar for bar in bars), bars
+    assert any(bar.startswith("latency") and "/3 [" in bar and "round" in bar for bar in bars), bars
 
 
 def test_no_candidate_within_tolerance_is_a_clear_error():

@@ -13,14 +13,17 @@ import torch
 
 
 def compare_latency(candidates: Dict[str, Callable], inputs: Sequence, repeats: int = 10,
-                    warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per call for each candidate, measured interleaved in one process."""
+                    warmup: int = 2, progress: bool = False) -> Dict[str, float]:
+    """Median seconds per call for each candidate, measured interleaved in one process (``progress``: a bar of
+    the rounds, each timing every candidate once)."""
+    from tqdm.auto import tqdm
+
     samples: Dict[str, List[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in candidates.values():
                 fn(*inputs)
-        for _ in range(repeats):
+        for _ in tqdm(range(repeats), desc="latency", unit="round", disable=not progress, leave=False):
             for name, fn in candidates.items():
                 start = time.perf_counter()
                 fn(*inputs)
