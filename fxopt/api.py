@@ -39,9 +39,12 @@ from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.mixed_precision import run_outputs
 from fxopt.report.graph_svg import graph_outline
 from fxopt.report.layer_error import padding_mask, per_layer_error
+from fxopt.report.timing import compare_latency
 from fxopt.search import Candidate, Tolerance, held_out_split, measure_and_choose, parse_tolerance, run_outputs_of
 
 TARGETS = ("eager", "x86-int8", "cuda")
+#: Interleaved rounds (after one warm-up) in which optimize() times the result against the original for report().
+REPORT_LATENCY_ROUNDS = 5
 #: Pipelines a preset names, per target (quantization is added by the x86-int8 target itself).
 PRESETS = {"fast": "fuse", "balanced": "fuse", "small": "fuse"}
 #: Low-rank candidates of the search: the share of the factored linears' weights each keeps.
@@ -73,7 +76,8 @@ class OptimizedModel:
         return self.runner(*inputs, **kwargs)
 
     def report(self) -> Dict[str, Any]:
-        """Sizes, parameter counts, the pipeline and what each step did."""
+        """Sizes, parameter counts, the pipeline, what each step did, the per-layer error, and the latency
+        against the original measured by ``optimize`` on this machine (``latency_ms``, ``original_latency_ms``)."""
         out = {"target": self.target, "pipeline": self.pipeline, "params": self.graph.param_count(),
                "size_bytes": self.graph.size_bytes(), **self.stats}
         if self.original_graph is not None:
@@ -147,10 +151,21 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         runner = x86_int8.lower(quantized, example_inputs=tuple(example_inputs), progress=progress)
         stats["lowering"] = runner.report.as_dict()
         stats["per_layer_error"] = layer_errors
-        return OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
+        optimized = OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
+        return _with_measured_latency(optimized, example_inputs)
     # layer by layer against the pipeline's graph (whose node names the lossy steps keep), on the example inputs
     stats["per_layer_error"] = per_layer_error(result.graph, optimized.graph, tuple(example_inputs),
                                                mask=padding_mask(result.graph, example_inputs))
+    return optimized if tolerance is not None else _with_measured_latency(optimized, example_inputs)
+
+
+def _with_measured_latency(optimized: OptimizedModel, example_inputs) -> OptimizedModel:
+    """Time the optimized model against the original on the example inputs, for its report (the search times
+    its candidates itself): medians of REPORT_LATENCY_ROUNDS interleaved rounds, on this machine."""
+    seconds = compare_latency({"original": optimized.original_graph.run, "optimized": optimized.runner},
+                              tuple(example_inputs), repeats=REPORT_LATENCY_ROUNDS, warmup=1)
+    optimized.stats.update(latency_ms=seconds["optimized"] * 1e3, original_latency_ms=seconds["original"] * 1e3,
+                           latency_rounds=REPORT_LATENCY_ROUNDS)
     return optimized
 
 

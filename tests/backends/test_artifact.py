@@ -278,6 +278,8 @@ def test_optimize_save_then_load_in_a_fresh_process_gives_the_same_outputs(tmp_p
     optimized = fxopt.optimize(ModelOnlyInThisModule().eval(), (x, mask), target=target,
                                calibration_data=calibration if target == "x86-int8" else None, progress=False)
     expected = optimized(x, mask)
+    report = optimized.report()  # timed against the original on the example inputs, as plain optimize() does
+    assert report["latency_ms"] > 0 and report["original_latency_ms"] > 0 and report["latency_rounds"] == 5
     optimized.save(tmp_path / "model")
     save_file({"x": x, "mask": mask, **expected}, str(tmp_path / "expected.safetensors"))
     done = subprocess.run([sys.executable, "-c", FRESH_OPTIMIZED, str(tmp_path / "model"),
