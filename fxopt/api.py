@@ -127,6 +127,7 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
     result = pipeline(original)
     stats: Dict[str, Any] = {"passes": result.stats}
     stats["graph_before"] = graph_outline(original)
+    layer_mask = padding_mask(original, example_inputs)  # padding positions left out of the per-layer error
     if tolerance is not None:
         if target == "cuda":
             raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
@@ -143,8 +144,7 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, progress=progress)
         stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
         # compared before lowering, and the fused graph (its merged weights) dropped: lowering is the peak
-        layer_errors = per_layer_error(result.graph, quantized, tuple(example_inputs),
-                                       mask=padding_mask(result.graph, example_inputs))
+        layer_errors = per_layer_error(result.graph, quantized, tuple(example_inputs), mask=layer_mask)
         fused_bytes = result.graph.size_bytes_not_in(original)
         del result
         release_dropped_graphs(fused_bytes)
@@ -155,7 +155,7 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         return _with_measured_latency(optimized, example_inputs)
     # layer by layer against the pipeline's graph (whose node names the lossy steps keep), on the example inputs
     stats["per_layer_error"] = per_layer_error(result.graph, optimized.graph, tuple(example_inputs),
-                                               mask=padding_mask(result.graph, example_inputs))
+                                               mask=layer_mask)
     return optimized if tolerance is not None else _with_measured_latency(optimized, example_inputs)
 
 

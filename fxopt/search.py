@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError
 from fxopt.ir import Graph
+from fxopt.ir.progress import progress_bar
 from fxopt.ir.batches import as_batches
 from fxopt.passes.quantize.mixed_precision import Outputs, run_outputs
 from fxopt.report.timing import compare_latency, format_table
@@ -199,10 +200,8 @@ def measure_and_choose(candidates: Sequence[Candidate], original: Graph, batches
                        example_inputs: Sequence, tolerance: Tolerance, repeats: int = 10,
                        progress: bool = False) -> SearchResult:
     """Measure every candidate's fidelity and latency (with the original's, same run); pick the fastest that meets."""
-    from tqdm.auto import tqdm
-
     reference = run_outputs(original, batches)
-    for candidate in tqdm(candidates, desc="fidelity", unit="candidate", disable=not progress, leave=False):
+    for candidate in progress_bar(candidates, "fidelity", "candidate", progress):
         candidate.fidelity = _fidelity(candidate, batches, reference, tolerance)
         candidate.meets = tolerance.meets(candidate.fidelity.get(tolerance.kind, float("nan")))
     timed = {"original": original.run, **{c.name: c.runner for c in candidates}}

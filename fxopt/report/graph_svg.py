@@ -141,9 +141,9 @@ def _quantization_blocks(quant, succs, block_of) -> Dict[str, Repeat]:
             yield from consumers(dst) if dst in quant else (dst,)
 
     for name in quant:
-        blocks = {id(block_of.get(dst)): block_of.get(dst) for dst in consumers(name)}
-        if len(blocks) == 1 and None not in blocks.values():
-            found[name] = next(iter(blocks.values()))
+        blocks = {block_of.get(dst) for dst in consumers(name)}
+        if len(blocks) == 1 and None not in blocks:
+            found[name] = blocks.pop()
     return found
 
 
@@ -218,7 +218,7 @@ def _lines(item: dict) -> List[str]:
                 rows.append(row)
                 row = ""
             row = f"{row}, {text}" if row else text
-        return [title] + rows + [row] + _int8_line(item.get("int8_per_copy", []))
+        return [title] + rows + [row] + _int8_line(item["int8_per_copy"])
     shape = "" if item.get("shape") is None else "[" + ", ".join(str(d) for d in item["shape"]) + "]"
     label = item["kind"] if item["kind"] not in ("input", "output") else f"{item['kind']} {item['name']}"
     return [label, shape] if shape else [label]

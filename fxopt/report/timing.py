@@ -11,19 +11,19 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from fxopt.ir.progress import progress_bar
+
 
 def compare_latency(candidates: Dict[str, Callable], inputs: Sequence, repeats: int = 10,
                     warmup: int = 2, progress: bool = False) -> Dict[str, float]:
     """Median seconds per call for each candidate, measured interleaved in one process (``progress``: a bar of
     the rounds, each timing every candidate once)."""
-    from tqdm.auto import tqdm
-
     samples: Dict[str, List[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in candidates.values():
                 fn(*inputs)
-        for _ in tqdm(range(repeats), desc="latency", unit="round", disable=not progress, leave=False):
+        for _ in progress_bar(range(repeats), "latency", "round", progress):
             for name, fn in candidates.items():
                 start = time.perf_counter()
                 fn(*inputs)

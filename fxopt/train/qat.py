@@ -37,6 +37,7 @@ import torch.fx as fx
 from fxopt.errors import PassError, describe_node
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
+from fxopt.ir.progress import progress_bar
 from fxopt.passes.infra.driver import Rewriter
 from fxopt.passes.quantize.insert_qdq import INT8, quantize_weight_per_channel
 from fxopt.train.fake_quant import fake_quantize_activation, fake_quantize_weight
@@ -168,7 +169,7 @@ def fine_tune(trainable: TrainableGraph, data: Iterable, loss_fn: Callable, step
     opt = OPTIMIZERS[optimizer](trainable.parameters(), lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps) if decay else None
     losses: List[float] = []
-    bar = _progress_bar(steps, progress, desc)
+    bar = progress_bar(None, desc, "step", progress, total=steps)
     with torch.enable_grad():
         for inputs, target in itertools.islice(_batches(data), steps):
             loss = _step(trainable.graph, opt, inputs, target, loss_fn)
@@ -226,10 +227,6 @@ def _repeat(data: Iterable) -> Iterator:
             return
 
 
-def _progress_bar(steps: int, enabled: bool, desc: str = "qat"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=steps, desc=desc, unit="step", disable=not enabled, leave=False)
 
 
 # ------------------------------------------------------------------- freezing

@@ -23,6 +23,7 @@ import torch.fx as fx
 from fxopt.errors import InputError, PassError
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
+from fxopt.ir.progress import progress_bar
 from fxopt.ir.memory import return_freed_memory
 from fxopt.ir.ops import fxopt_ops
 from fxopt.passes.quantize.observers import MinMaxObserver, Observer, make_observer
@@ -156,9 +157,7 @@ def calibration_sample(graph: Graph) -> Tuple[Tuple[torch.Tensor, ...], ...]:
 
 
 def _progress(data, enabled: bool, total: Optional[int]):
-    from tqdm.auto import tqdm
-
     if total is None:
         total = operator.length_hint(data) or None  # 0 (unknown) for a generator or an unsized Batches
-    return tqdm(data, desc="calibrate", unit="batch", total=total, disable=not enabled, leave=False)
+    return progress_bar(data, "calibrate", "batch", enabled, total=total)
 

@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 from fxopt.errors import PassError, op_name
 from fxopt.ir.batches import Batches, as_batches
 from fxopt.ir.graph import Graph
+from fxopt.ir.progress import progress_bar
 from fxopt.ir.memory import release_dropped_graphs
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.registry import register_pass
@@ -153,7 +154,7 @@ def sensitivity(graph: Graph, data: Sequence[tuple], scheme: str = "static", met
 def _ranked(meter: _ErrorMeter, progress: bool) -> List[LayerSensitivity]:
     names = meter.quantizable_names()
     rows = []
-    for name in _progress(names, progress, "sensitivity"):
+    for name in progress_bar(names, "sensitivity", "op", progress):
         error = meter(tuple(n for n in names if n != name))
         rows.append(LayerSensitivity(name, op_name(meter.graph.node(name)), error))
     return sorted(rows, key=lambda r: r.error, reverse=True)
@@ -168,7 +169,7 @@ def choose_float_layers(graph: Graph, data: Sequence[tuple], tolerance: float, s
     rows = _ranked(meter, progress)
     quantized_error = error = meter(())
     kept = 0
-    with _progress(None, progress, "keep float", total=len(rows)) as bar:
+    with progress_bar(None, "keep float", "op", progress, total=len(rows)) as bar:
         while error > tolerance and kept < len(rows):
             kept += 1
             error = meter(tuple(r.name for r in rows[:kept])) if kept < len(rows) else 0.0
@@ -197,10 +198,6 @@ def _batches(data) -> Batches:
     return batches
 
 
-def _progress(items, enabled: bool, desc: str, total: Optional[int] = None):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="op", total=total, disable=not enabled, leave=False)
 
 
 @register_pass
