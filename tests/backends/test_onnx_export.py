@@ -37,6 +37,8 @@ QD = torch.ops.quantized_decomposed
 FLOAT_TOL = 1e-5  # tests/harness.py's float32 tolerance
 ORT_FUSED_TOL = 2e-2  # ORT's fused int8 GEMMs: exact with VNNI; on AVX2 they saturate (measured 6.5e-3 here)
 INT8_TOL = 1e-5  # measured <= 1.6e-7 for the model below: no code flips, only float rounding
+NEAR_TIE = 3e-5  # |x / scale| within a few float32 ulps (7.6e-6 at code 128) of a .5 may round either way
+ONE_FLIP_TOL = 5e-3  # an item holding a near-tie code that flipped (5.9e-4 over the batch, AVX-512 VNNI Zen 4)
 MINILM_COSINE = 0.999
 
 
@@ -227,12 +229,73 @@ def test_int8_model_exports_qdq_and_int8_weights(int8_export):
     assert not [n.name for n in nodes if n.op_type == "Transpose" and n.input[0] in dequantized]
 
 
+def nearest_tie_per_item(graph, inputs) -> torch.Tensor:
+    """For each batch item, how close any activation quantize in ``graph`` comes to a rounding tie on ``inputs``:
+    the smallest ``| x / scale - (floor(x / scale) + 0.5) |``. Within float rounding of a tie, ONNX's
+    ``x / scale`` and torch's ``x * (1 / scale)``, or a last-bit difference in the float op before, can pick
+    the neighbouring code."""
+    from torch.fx.interpreter import Interpreter
+
+    nearest = torch.full((inputs[0].shape[0],), float("inf"), dtype=torch.float64)
+
+    class Watch(Interpreter):
+        def call_function(self, target, args, kwargs):
+            if target == QD.quantize_per_tensor.default:
+                scaled = args[0].double() / args[1]
+                distance = (scaled - scaled.floor() - 0.5).abs().flatten(1).min(dim=1).values
+                torch.minimum(nearest, distance, out=nearest)
+            return super().call_function(target, args, kwargs)
+
+    with torch.no_grad():
+        Watch(graph.module).run(*inputs)
+    return nearest
+
+
+def per_item_errors(optimized, session, x) -> list:
+    expected, actual = optimized.graph.run(x), ort_runner(session)(x)[0]
+    assert expected.shape == actual.shape and expected.dtype == actual.dtype
+    return [relative_error(e, a) for e, a in zip(expected, actual)]
+
+
 def test_int8_model_matches_fxopt_in_onnx_runtime(int8_export):
+    """ONNX's reference ops compute every code as fxopt does, except within float rounding of a tie (NEAR_TIE),
+    where one code may flip to its neighbour (seen on AVX-512: LayerNorm's last bit differs 2e-6 from a tie).
+    Attention mixes tokens only within a sequence, so a flip stays in its batch item: every item with no
+    near-tie agrees to float rounding (<= INT8_TOL), and one with a near-tie within ONE_FLIP_TOL (5.9e-4
+    measured over the whole batch). Most items have none, so the tight bound is exercised on every CPU."""
     optimized, path = int8_export
-    for seed in range(5):
+    reference_ops, fused = ort_session(path, reference_ops=True), ort_session(path)
+    tight = 0
+    for seed in range(8):
         x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(100 + seed))
-        assert_ort_matches(optimized, path, (x,), INT8_TOL, reference_ops=True)  # the exported semantics
+        near_tie = nearest_tie_per_item(optimized.graph, (x,)) < NEAR_TIE
+        for item, error in enumerate(per_item_errors(optimized, reference_ops, x)):  # the exported semantics
+            assert error <= (ONE_FLIP_TOL if near_tie[item] else INT8_TOL), (seed, item, error)
+        tight += int((~near_tie).sum())
         assert_ort_matches(optimized, path, (x,), ORT_FUSED_TOL)  # ORT's own int8 kernels
+    assert tight >= 24  # of 32 items
+
+
+def test_a_wrong_rounding_fails_the_tight_bound_in_every_item(int8_export, tmp_path):
+    """The per-item check above catches a broken export everywhere, not in one item: rounding every activation
+    down instead of to nearest (``x - scale / 2`` before each QuantizeLinear) is far above INT8_TOL in every
+    batch item."""
+    import onnx
+    from onnx import helper
+
+    optimized, path = int8_export
+    model = onnx.load(str(path))
+    for node in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        shifted, half = node.input[0] + "_floor", node.input[0] + "_half_step"
+        at = list(model.graph.node).index(node)
+        model.graph.node.insert(at, helper.make_node("Sub", [node.input[0], half], [shifted]))
+        model.graph.node.insert(at, helper.make_node("Mul", [node.input[1], "fxopt_test_half"], [half]))
+        node.input[0] = shifted
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, dtype=np.float32), "fxopt_test_half"))
+    broken = tmp_path / "floor.onnx"
+    onnx.save(model, str(broken))
+    x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(100))
+    assert min(per_item_errors(optimized, ort_session(broken, reference_ops=True), x)) > 100 * INT8_TOL
 
 
 def test_onnx_runtime_fuses_the_qdq_linears_into_int8_kernels(int8_export, tmp_path):
