@@ -31,12 +31,14 @@ import functools
 import gc
 import os
 import threading
-from typing import Optional
+from typing import List, Optional
 
 #: Growth of the resident set, since the last trim, that makes :func:`trimming_while_resident_grows` trim.
 TRIM_STEP_BYTES = 32 * 2**20
 #: How often that thread reads the resident set (about 10 us per read).
 TRIM_POLL_SECONDS = 0.002
+#: The trimming thread's name, as ``threading.enumerate()`` shows it.
+TRIM_THREAD_NAME = "fxopt-trim"
 #: Weights of dropped graphs that :func:`release_dropped_graphs` lets wait for the cyclic collector.
 COLLECT_STEP_BYTES = 32 * 2**20
 
@@ -82,21 +84,64 @@ def resident_bytes() -> int:
         return 0
 
 
+class _Trimmer:
+    """The background thread of :func:`trimming_while_resident_grows`; it can be stopped and started again."""
+
+    def __init__(self, step: int, poll: float):
+        self.step, self.poll = step, poll
+        self.done: Optional[threading.Event] = None
+        self.thread: Optional[threading.Thread] = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None
+
+    def start(self) -> None:
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=_trim_on_growth, args=(self.done, self.step, self.poll),
+                                       name=TRIM_THREAD_NAME, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.thread = None
+
+
+_trimmers: List[_Trimmer] = []
+
+
 @contextlib.contextmanager
 def trimming_while_resident_grows(step: int = TRIM_STEP_BYTES, poll: float = TRIM_POLL_SECONDS):
     """Within the block, ``malloc_trim`` whenever the resident set has grown by ``step`` bytes since the last
-    trim (a daemon thread; nothing where there is no glibc or no procfs)."""
+    trim (a daemon thread; nothing where there is no glibc or no procfs). :func:`no_background_threads` stops
+    it for a while."""
     if _libc_malloc_trim() is None or not resident_bytes():
         yield
         return
-    done = threading.Event()
-    thread = threading.Thread(target=_trim_on_growth, args=(done, step, poll), name="fxopt-trim", daemon=True)
-    thread.start()
+    trimmer = _Trimmer(step, poll)
+    trimmer.start()
+    _trimmers.append(trimmer)
     try:
         yield
     finally:
-        done.set()
-        thread.join()
+        _trimmers.remove(trimmer)
+        if trimmer.running:
+            trimmer.stop()
+
+
+@contextlib.contextmanager
+def no_background_threads():
+    """Within the block, no trimming thread runs (latency measurements: on 2 cores its polling would share
+    them with the timed code); those that ran before start again after it."""
+    paused = [trimmer for trimmer in _trimmers if trimmer.running]
+    for trimmer in paused:
+        trimmer.stop()
+    try:
+        yield
+    finally:
+        for trimmer in paused:
+            trimmer.start()
 
 
 def _trim_on_growth(done: threading.Event, step: int, poll: float) -> None:

@@ -11,15 +11,16 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from fxopt.ir.memory import no_background_threads
 from fxopt.ir.progress import progress_bar
 
 
 def compare_latency(candidates: Dict[str, Callable], inputs: Sequence, repeats: int = 10,
                     warmup: int = 2, progress: bool = False) -> Dict[str, float]:
     """Median seconds per call for each candidate, measured interleaved in one process (``progress``: a bar of
-    the rounds, each timing every candidate once)."""
+    the rounds, each timing every candidate once). fxopt's background threads are stopped meanwhile."""
     samples: Dict[str, List[float]] = {name: [] for name in candidates}
-    with torch.inference_mode():
+    with torch.inference_mode(), no_background_threads():
         for _ in range(warmup):
             for fn in candidates.values():
                 fn(*inputs)

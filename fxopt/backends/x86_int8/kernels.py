@@ -12,7 +12,8 @@ to the next layer's uint8 codes (``onednn::qlinear_pointwise``).
 ``Int8Embedding`` gathers int8 rows of an embedding table and scales only
 those rows, instead of dequantizing the whole table on every call.
 
-Why these kernels (measured, ``benchmarks/x86_int8_kernels.py``): on an AVX2
+Why these kernels (measured by ``benchmarks/x86_int8.py``, part 4 "Single GEMMs";
+``benchmarks/results/x86_int8_cpu2.md``): on an AVX2
 machine oneDNN's int8 GEMM takes 0.5-0.8x the time of fp32 ``F.linear`` for
 MiniLM's shapes, while ``torch._int_mm`` is a slow reference loop there and
 untuned TVM on llvm is ~100x slower than eager PyTorch (DESIGN.md).
