@@ -28,9 +28,14 @@ def test_minilm_example_quantizes_the_real_model_within_the_bound():
 
 
 def test_search_example_keeps_float_when_tight_and_picks_the_fastest_when_loose():
-    chosen = load_example("search_with_tolerance").main()
-    assert chosen["{'cosine': 0.99999}"] == "float"
-    assert chosen["{'cosine': 0.99}"] in {"float", "int8"}  # the measured fastest of the candidates that meet
+    searches = load_example("search_with_tolerance").main()
+    tight, loose = searches["{'cosine': 0.99999}"], searches["{'cosine': 0.99}"]
+    assert tight["chosen"] == "float" and [c["name"] for c in tight["candidates"] if c["meets"]] == ["float"]
+    meeting = {c["name"]: c["latency_ms"] for c in loose["candidates"] if c["meets"]}
+    assert "int8" in meeting  # int8 of this MLP is within 0.99 cosine (0.9993 measured)
+    assert loose["chosen"] == min(meeting, key=meeting.get)  # the measured fastest of those that meet
+    chosen = next(c for c in loose["candidates"] if c["name"] == loose["chosen"])
+    assert chosen["chosen"] and loose["latency_ms"] == chosen["latency_ms"]
 
 
 def test_bert_cuda_example_builds_and_saves(tmp_path):

@@ -162,22 +162,40 @@ def test_one_calibration_batch_warns_that_nothing_is_held_out():
     assert optimized.report()["fidelity_batches"] == {"fit": 1, "held_out": 0}
 
 
+class TokenOutliers(torch.nn.Module):
+    """a -> relu -> c -> (every 8th token row x50) -> b: only ``b``'s input has per-token outliers, which a
+    per-tensor activation scale serves badly, so int8 misses a tolerance that keeping a layer float meets."""
+
+    def __init__(self, width=256, hidden=512):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.c = torch.nn.Linear(width, hidden), torch.nn.Linear(hidden, hidden)
+        self.b = torch.nn.Linear(hidden, width)
+        gain = torch.ones(32, 1)
+        gain[::8] = 50.0
+        self.register_buffer("gain", gain)
+
+    def forward(self, x):
+        return self.b(self.c(torch.relu(self.a(x))) * self.gain)
+
+
 def test_mixed_precision_candidate_appears_between_int8_and_float():
+    """Held-out mean cosine measured (VNNI kernels / AVX2's 7-bit weights): int8 0.944 / 0.944, int8 with one of
+    three linears float 0.9996 / 0.9994; a tolerance of 0.99 lies well between them on both CPUs."""
     data = batches(4)
-    reference = mlp()
-    int8_error = _optimize(None).report()  # no search: all int8
-    assert "candidates" not in int8_error
-    optimized = _optimize({"max_rel_err": 0.012})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = fxopt.optimize(TokenOutliers().eval(), data[0], target="x86-int8", calibration_data=data,
+                                   tolerance={"cosine": 0.99}, progress=False)
     rows = optimized.report()["candidates"]
     int8 = next(r for r in rows if r["name"] == "int8")
     mixed = [r for r in rows if r["name"].startswith("int8, ")]
-    if int8["meets"]:
-        assert not mixed  # nothing to keep in float
-    else:  # float linears chosen on the fitting batches: closer to float than int8 on the held-out one too
-        for r in mixed:
-            assert r["fidelity"]["max_rel_err"] < int8["fidelity"]["max_rel_err"]
-            assert r["meets"] == (r["fidelity"]["max_rel_err"] <= 0.012)  # the verdict is the held-out one
-    assert reference(*data[0]).shape == optimized(*data[0]).shape
+    assert not int8["meets"] and int8["fidelity"]["cosine"] < 0.99
+    assert len(mixed) == 1, [r["name"] for r in rows]
+    assert re.fullmatch(r"int8, [12] of 3 layers float", mixed[0]["name"])
+    assert mixed[0]["meets"] and mixed[0]["fidelity"]["cosine"] >= 0.99  # the verdict is the held-out one
+    assert mixed[0]["fidelity"]["max_rel_err"] < int8["fidelity"]["max_rel_err"]
+    assert _has_qdq(optimized.graph) == (optimized.report()["search"]["chosen"] != "float")
 
 
 def test_user_metric_bounds_the_search():
