@@ -117,8 +117,31 @@ def inductor_graph(graph: Graph) -> fx.GraphModule:
             zero_points = work.add_param(f"{node.name}_zero_point", torch.zeros(channels, dtype=torch.int64),
                                          before=node)
             node.args = (*node.args[:2], zero_points, *node.args[3:])
+    _unsigned_activation_codes(work)
     work.recompile()
     return work.module
+
+
+def _unsigned_activation_codes(graph: Graph) -> int:
+    """Signed int8 activation codes with a zero point become the same codes shifted to uint8 (``q + 128``, zero
+    point ``z + 128``, range 0..255): exactly the same values after dequantization. oneDNN has no fast int8 GEMM
+    for a *signed* source with a zero point on AVX2 or AVX-512 VNNI: it runs its reference loop ("ref_int8",
+    measured 12 s against 4 ms for one 4096x384x384 GEMM on a Zen 4), while u8 x s8 is the form every x86 int8
+    kernel takes (and the one PT2E's x86 quantizer emits). Returns how many quantize nodes changed."""
+    changed = 0
+    for node in list(graph.call_nodes(QD.quantize_per_tensor.default)):
+        x, scale, zero_point, qmin, qmax, dtype = node.args
+        users = list(node.users)
+        if (qmin, qmax, dtype) != (-128, 127, torch.int8) or not users or not all(
+                user.target == QD.dequantize_per_tensor.default and tuple(user.args[1:]) == tuple(node.args[1:])
+                for user in users):
+            continue
+        unsigned = (scale, zero_point + 128, 0, 255, torch.uint8)
+        node.args = (x, *unsigned)
+        for user in users:
+            user.args = (node, *unsigned)
+        changed += 1
+    return changed
 
 
 def _activation_call(graph: Graph, linear: fx.Node, activation: str) -> fx.Node:
