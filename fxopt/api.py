@@ -324,8 +324,10 @@ def load(directory: Union[str, Path], allow_torch_mismatch: bool = False,
     """Load an artifact written by :meth:`OptimizedModel.save`: checksums and versions are verified first.
 
     ``allow_torch_mismatch=True`` accepts an artifact saved under another torch major.minor, with a warning.
-    ``compile`` (x86-int8 only): ``"auto"`` (default) compiles with TorchInductor where that is faster,
-    ``"never"`` loads in seconds on the eager int8 kernels (``fxopt.backends.x86_int8.lower``).
+    ``compile`` (x86-int8 only): by default the kernel path that ``optimize`` measured faster, where this CPU
+    has the ISA it was built on (compiled with TorchInductor, or the eager int8 kernels), else ``"auto"``
+    (compile, time both, keep the faster); ``"never"`` loads in seconds on the eager int8 kernels
+    (``fxopt.backends.x86_int8.lower``).
     """
     from fxopt.backends.artifact import load_artifact
     graph, manifest = load_artifact(directory, allow_torch_mismatch)
@@ -334,7 +336,8 @@ def load(directory: Union[str, Path], allow_torch_mismatch: bool = False,
     if target == "eager":
         return OptimizedModel(eager.lower(graph), graph, target, pipeline)
     if target == x86_int8.TARGET:
-        runner = x86_int8.lower(graph, compile=compile)
+        built_with = ((manifest.get("extra") or {}).get("report") or {}).get("lowering")
+        runner = x86_int8.lower(graph, compile=compile, built_with=built_with)
         return OptimizedModel(runner, graph, target, pipeline, stats={"lowering": runner.report.as_dict()})
     if target == "cuda":
         from fxopt.backends.tvm_cuda import deploy

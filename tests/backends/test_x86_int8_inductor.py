@@ -235,3 +235,38 @@ def test_an_artifact_loads_compiled_in_a_fresh_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     error = float(done.stdout.strip().splitlines()[-1])
     assert error <= inductor.AGREEMENT_FACTOR * relative_error(reference, eager_out) + inductor.AGREEMENT_SLACK
+
+
+@needs_compiler
+def test_the_default_path_end_to_end_measures_at_build_and_loads_what_it_measured(tmp_path, monkeypatch):
+    """What a user gets with no option or environment: optimize compiles, times both kernel paths and keeps the
+    faster; the artifact loads that path again without timing (the same ISA) and gives the same outputs."""
+    monkeypatch.delenv(inductor.COMPILE_ENV, raising=False)
+    x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1))
+    optimized = fxopt.optimize(Block().eval(), (x,), target="x86-int8", calibration_data=[(x,)], progress=False)
+    built = optimized.report()["lowering"]["kernel_path"]
+    assert built["reason"] == "measured faster" and built["compile_seconds"] > 0
+    assert built["kernel_path"] == ("inductor" if built["compiled_ms"] < built["eager_ms"] else "eager-kernels")
+    other = fresh_input(x, 5)
+    expected = optimized(other)
+    monkeypatch.setattr(inductor, "_faster", lambda *a: pytest.fail("load timed the kernel paths again"))
+    loaded = fxopt.load(optimized.save(tmp_path / "model"))
+    path = loaded.stats["lowering"]["kernel_path"]
+    assert path["kernel_path"] == built["kernel_path"]
+    assert path["reason"] == ("compile=always" if built["kernel_path"] == "inductor" else "compile=never")
+    assert torch.equal(loaded(other), expected)
+
+
+def test_a_build_on_another_isa_or_unmeasured_is_measured_again(monkeypatch):
+    lowering = {"isa": "avx2", "kernel_path": {"kernel_path": "inductor", "reason": "measured faster"}}
+    assert inductor.measured_mode(lowering, "avx2") == "always"
+    assert inductor.measured_mode({**lowering, "kernel_path": {"kernel_path": "eager-kernels",
+                                                               "reason": "measured faster"}}, "avx2") == "never"
+    assert inductor.measured_mode(lowering, "amx") is None
+    assert inductor.measured_mode({"isa": "avx2", "kernel_path": {"kernel_path": "inductor",
+                                                                  "reason": "compile=always"}}, "avx2") is None
+    monkeypatch.delenv(inductor.COMPILE_ENV, raising=False)
+    assert inductor.compile_mode(None, "never") == "never" and inductor.compile_mode(None, None) == "auto"
+    assert inductor.compile_mode("auto", "never") == "auto"  # an explicit request wins, then the environment
+    monkeypatch.setenv(inductor.COMPILE_ENV, "always")
+    assert inductor.compile_mode(None, "never") == "always"

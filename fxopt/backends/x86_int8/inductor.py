@@ -73,15 +73,26 @@ class CompileOutcome:
         return {key: value for key, value in vars(self).items() if value is not None}
 
 
-def compile_mode(requested: Optional[str]) -> str:
-    """``requested``, else ``$FXOPT_X86_COMPILE``, else ``auto``; an unknown value is an ``InputError``."""
-    mode = requested if requested is not None else os.environ.get(COMPILE_ENV, "auto")
+def compile_mode(requested: Optional[str], measured: Optional[str] = None) -> str:
+    """``requested``, else ``$FXOPT_X86_COMPILE``, else ``measured`` (the path an artifact's build measured faster
+    on this ISA: :func:`measured_mode`), else ``auto``; an unknown value is an ``InputError``."""
+    mode = requested if requested is not None else os.environ.get(COMPILE_ENV, measured or "auto")
     aliases = {True: "always", False: "never", "1": "always", "0": "never"}
     mode = aliases.get(mode, mode)
     if mode not in COMPILE_MODES:
         raise InputError(f"x86-int8 compile={mode!r}: unknown mode; use one of {', '.join(COMPILE_MODES)} "
                          f"(or set {COMPILE_ENV})")
     return mode
+
+
+def measured_mode(lowering: dict, isa_name: str) -> Optional[str]:
+    """The compile mode that reproduces the kernel path a build chose by measurement (``lowering``: its report),
+    so that loading does not compile and time both again: ``always`` where Inductor was faster, ``never`` where
+    the eager kernels were. ``None`` where it was not measured or the build ran on another ISA than ``isa_name``."""
+    path = lowering.get("kernel_path") or {}
+    if path.get("reason") != "measured faster" or lowering.get("isa") != isa_name:
+        return None
+    return "always" if path.get("kernel_path") == "inductor" else "never"
 
 
 def cpp_compiler() -> Optional[str]:

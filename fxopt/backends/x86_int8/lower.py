@@ -109,17 +109,20 @@ class X86Int8Module:
 
 
 def lower(graph: Graph, isa: Optional[Isa] = None, warn: bool = True, compile: Optional[str] = None,
-          example_inputs: Optional[Sequence[torch.Tensor]] = None, progress: bool = False) -> X86Int8Module:
+          example_inputs: Optional[Sequence[torch.Tensor]] = None, progress: bool = False,
+          built_with: Optional[dict] = None) -> X86Int8Module:
     """Lower ``graph`` for ``isa`` (default: this CPU's). ``graph`` itself is not changed.
 
     ``compile`` picks the kernel path (``inductor.py``): ``"auto"`` (the default, or
     ``$FXOPT_X86_COMPILE``) compiles the graph with TorchInductor where a C++ compiler
     exists and keeps it if it is faster on ``example_inputs`` (default: inputs made
     from the graph's input specs); ``"always"`` keeps it whenever it compiles and
-    agrees; ``"never"`` runs the eager oneDNN kernels.
+    agrees; ``"never"`` runs the eager oneDNN kernels. ``built_with`` (an artifact's lowering report): when
+    neither ``compile`` nor the environment says otherwise, keep the path that build measured faster on this
+    ISA instead of measuring again.
     """
-    mode = inductor.compile_mode(compile)
     isa = isa or detect_isa()
+    mode = inductor.compile_mode(compile, inductor.measured_mode(built_with or {}, isa.name))
     work = graph.copy()
     report = LoweringReport(isa.name)
     _fold_weight_upcasts(work)
@@ -154,7 +157,7 @@ def load(directory, allow_torch_mismatch: bool = False, compile: Optional[str] =
     if manifest.get("target") != TARGET:
         raise ArtifactError(f"{directory}: the artifact's target is {manifest.get('target')!r}, not {TARGET!r}; "
                             f"load it with the backend for its target")
-    return lower(graph, compile=compile)
+    return lower(graph, compile=compile, built_with=manifest.get("extra", {}).get("lowering"))
 
 
 # ----------------------------------------------------------------- linears
