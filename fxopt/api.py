@@ -18,6 +18,7 @@ measured, fidelity and latency, and the fastest within the tolerance is returned
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -141,6 +142,7 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         return _optimize_cuda(original, result.graph, pipeline.spec, stats)  # its error is on the GPU, not here
     else:
         started = time.perf_counter()
+        _say(progress, "fxopt x86-int8: smooth-quant, calibrate int8 ranges, insert Q/DQ ...")
         quantized, spec = quantize_for_x86(result.graph, example_inputs, calibration_data, progress=progress)
         stats["quantize"] = {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}
         # compared before lowering, and the fused graph (its merged weights) dropped: lowering is the peak
@@ -148,20 +150,27 @@ def _optimize(model, example_inputs, target, preset, passes, calibration_data, t
         fused_bytes = result.graph.size_bytes_not_in(original)
         del result
         release_dropped_graphs(fused_bytes)
+        _say(progress, f"fxopt x86-int8: lowering to the int8 kernels of this CPU ({x86_int8.detect_isa().name}) ...")
         runner = x86_int8.lower(quantized, example_inputs=tuple(example_inputs), progress=progress)
         stats["lowering"] = runner.report.as_dict()
         stats["per_layer_error"] = layer_errors
         optimized = OptimizedModel(runner, quantized, target, f"{pipeline.spec},{spec}", original, stats)
-        return _with_measured_latency(optimized, example_inputs)
+        return _with_measured_latency(optimized, example_inputs, progress)
     # layer by layer against the pipeline's graph (whose node names the lossy steps keep), on the example inputs
     stats["per_layer_error"] = per_layer_error(result.graph, optimized.graph, tuple(example_inputs),
                                                mask=layer_mask)
-    return optimized if tolerance is not None else _with_measured_latency(optimized, example_inputs)
+    return optimized if tolerance is not None else _with_measured_latency(optimized, example_inputs, progress)
 
 
-def _with_measured_latency(optimized: OptimizedModel, example_inputs) -> OptimizedModel:
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _with_measured_latency(optimized: OptimizedModel, example_inputs, progress: bool = False) -> OptimizedModel:
     """Time the optimized model against the original on the example inputs, for its report (the search times
     its candidates itself): medians of REPORT_LATENCY_ROUNDS interleaved rounds, on this machine."""
+    _say(progress, f"fxopt: timing the result against the original ({REPORT_LATENCY_ROUNDS} interleaved rounds) ...")
     seconds = compare_latency({"original": optimized.original_graph.run, "optimized": optimized.runner},
                               tuple(example_inputs), repeats=REPORT_LATENCY_ROUNDS, warmup=1)
     optimized.stats.update(latency_ms=seconds["optimized"] * 1e3, original_latency_ms=seconds["original"] * 1e3,

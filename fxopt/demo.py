@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 
 import torch
 
@@ -38,6 +39,17 @@ def directory_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
 
 
+class Phases:
+    """One progress line per phase of the demo, with the seconds since it started."""
+
+    def __init__(self, total: int):
+        self.started, self.total, self.done = time.perf_counter(), total, 0
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total} {time.perf_counter() - self.started:5.0f} s] {what}", flush=True)
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=32, help="batch size of the timed and scored batch")
@@ -48,18 +60,23 @@ def main(argv=None) -> str:
     parser.add_argument("--out", default=None, help="artifact directory (default: a temporary one)")
     args = parser.parse_args(argv)
 
+    phase = Phases(5)
+    phase("load all-MiniLM-L6-v2 and tokenize real sentences")
     torch.manual_seed(0)
     model, tokenizer = minilm()
     sentences = real_sentences(args.calibration + args.sentences)
     inputs = tokenize(tokenizer, sentences[-args.sentences:], args.length)
     calibration = [tokenize(tokenizer, sentences[i:i + args.sentences], args.length)
                    for i in range(0, args.calibration - args.sentences + 1, args.sentences)]
-    print(f"all-MiniLM-L6-v2, input {tuple(inputs[0].shape)} of real sentences; target {args.target}, "
-          f"calibrated on {len(calibration) * args.sentences} other sentences")
+    phase(f"optimize: input {tuple(inputs[0].shape)}, target {args.target}, calibrated on "
+          f"{len(calibration) * args.sentences} other sentences (calibrate, quantize, lower and compile, time)")
     optimized = fxopt.optimize(model, inputs, target=args.target, calibration_data=calibration)
     out = args.out or os.path.join(tempfile.mkdtemp(prefix="fxopt-demo-"), "minilm")
+    phase(f"save the artifact to {out}")
     optimized.save(out)
+    phase("load it back with fxopt.load (the kernel path optimize measured faster, no second timing)")
     loaded = fxopt.load(out)
+    phase(f"measure: embedding cosine, then latency ({args.repeats} interleaved rounds, medians)")
     reference = lambda *xs: model(*xs, return_dict=True)  # noqa: E731
     with torch.inference_mode():
         cosine = embedding_cosine(reference, loaded, inputs)

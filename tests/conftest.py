@@ -1,4 +1,5 @@
 import os
+import random
 import warnings
 
 import pytest
@@ -9,8 +10,9 @@ os.environ.setdefault("FXOPT_DEBUG", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # x86-int8 runs on its eager oneDNN kernels unless a test asks for the TorchInductor path: compiling every
-# lowered model would add ~10-60 s per optimize on CI's 2 cores (tests/backends/test_x86_int8_inductor.py
-# covers the compiled path).
+# lowered model would add ~5-50 s per optimize on CI's 2 cores. tests/backends/test_x86_int8_inductor.py covers
+# the compiled path, and its test_the_default_path_end_to_end_... runs what users get by default (auto: compile,
+# time both, keep the faster, load it back) with this variable removed.
 os.environ.setdefault("FXOPT_X86_COMPILE", "never")
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -20,6 +22,18 @@ settings.register_profile("slow", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+#: The pipeline fuzz (tests/test_fuzz_pipelines.py) draws new cases each run from this seed, printed in the
+#: header; FXOPT_FUZZ_SEED=N replays a run.
+FUZZ_SEED = int(os.environ.get("FXOPT_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config):
+    return f"fxopt fuzz seed: {FUZZ_SEED} (replay with FXOPT_FUZZ_SEED={FUZZ_SEED})"
+
+
+def pytest_terminal_summary(terminalreporter):  # also under -q, which hides the header
+    terminalreporter.write_line(pytest_report_header(None))
 
 
 def pytest_collection_modifyitems(config, items):

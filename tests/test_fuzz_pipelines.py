@@ -17,7 +17,8 @@ that the spec round-trips and either
   with options that must be exact (ratio 0, sparsity 0, full rank), which are held to it.
 
 The CI profile runs 110 examples in all (5 for each of the 22 passes), ``HYPOTHESIS_PROFILE=slow pytest -m slow``
-506 (23 each).
+506 (23 each). They are not derandomized: each run draws from a new seed, which pytest's header prints
+("fxopt fuzz seed: N"); ``FXOPT_FUZZ_SEED=N`` replays that run's cases.
 ``--hypothesis-show-statistics`` lists how often each pass was drawn, refused, and how each example was
 checked (``benchmarks/results/fuzz_pipelines.md`` has a slow run). The bugs the fuzzing found have a
 reproducer each at the end of this file.
@@ -32,13 +33,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import pytest
 import torch
 import torch.fx as fx
-from hypothesis import event, given, settings, target
+from hypothesis import event, given, seed, settings, target
 from hypothesis import strategies as st
 
 import fxopt
 from fxopt.errors import FxoptError, PatternError
 from fxopt.passes.quantize.calibrate import quantizable_ops
 from tests.harness import TOLERANCE, ModelCase, assert_equivalent, model_cases, outputs_of, relative_error
+from tests.conftest import FUZZ_SEED
 from tests.pass_options import FULL_RANK, FXOPT_PASSES, OPTIONS, NodeNames, needs_calibration, pipelines
 
 #: How many times a model's measured sensitivity to a rounding an fp16/bf16/int8 pass may cost (see Probe).
@@ -326,14 +328,17 @@ def test_every_registered_pass_has_a_bound_and_options_matching_its_lossy_flag()
 
 
 def examples_in_all(total: int) -> settings:
-    """``total`` examples (or the profile's count, if larger) shared by the tests of every pass."""
-    return settings(max_examples=math.ceil(max(total, settings.default.max_examples) / len(FXOPT_PASSES)))
+    """``total`` examples (or the profile's count, if larger) shared by the tests of every pass. Not
+    derandomized, unlike the rest of the CI profile: each run draws other cases from FUZZ_SEED."""
+    return settings(max_examples=math.ceil(max(total, settings.default.max_examples) / len(FXOPT_PASSES)),
+                    derandomize=False)
 
 
 # One test per pass, each pipeline holding that pass among random others: every pass is fuzzed in every run
 # (hypothesis draws an unbalanced mix from one list of 23: in 100 derandomized examples, some passes never came up).
 @pytest.mark.parametrize("anchor", sorted(FXOPT_PASSES))
 @examples_in_all(100)
+@seed(FUZZ_SEED)
 @given(case=model_cases(), data=st.data())
 def test_random_pipelines_refuse_cleanly_or_stay_equivalent(anchor, case, data):
     check_random_pipeline(anchor, case, data)
@@ -342,6 +347,7 @@ def test_random_pipelines_refuse_cleanly_or_stay_equivalent(anchor, case, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("anchor", sorted(FXOPT_PASSES))
 @examples_in_all(500)
+@seed(FUZZ_SEED)
 @given(case=model_cases(), data=st.data())
 def test_random_pipelines_refuse_cleanly_or_stay_equivalent_long(anchor, case, data):
     check_random_pipeline(anchor, case, data)

@@ -193,8 +193,8 @@ def choose(graph: Graph, eager: Callable, mode: str, inputs: Sequence[torch.Tens
     if refusal:
         return eager, CompileOutcome("eager-kernels", refusal)
     if progress:
-        print("fxopt x86-int8: compiling with TorchInductor and timing its GEMM kernels (once; about a minute for "
-              "BERT-base on 16 cores) ...", file=sys.stderr, flush=True)
+        print("fxopt x86-int8: compiling with TorchInductor (GEMM kernels autotuned: ~1 min for MiniLM on 2 cores), "
+              "then timing it against the eager int8 kernels ...", file=sys.stderr, flush=True)
     try:
         compiled, seconds, compiled_err, eager_err = _compile_and_check(graph, compile_source or graph, eager,
                                                                         inputs)
@@ -207,7 +207,11 @@ def choose(graph: Graph, eager: Callable, mode: str, inputs: Sequence[torch.Tens
                                      seconds)
     if mode == "always":
         return compiled, CompileOutcome("inductor", "compile=always", seconds)
-    return _faster(eager, compiled, inputs, seconds)
+    forward, outcome = _faster(eager, compiled, inputs, seconds)
+    if progress:
+        print(f"fxopt x86-int8: compiled in {seconds:.0f} s; {outcome.compiled_ms:.1f} ms compiled vs "
+              f"{outcome.eager_ms:.1f} ms eager kernels: keeping the {outcome.kernel_path}", file=sys.stderr, flush=True)
+    return forward, outcome
 
 
 def _why_not_compile(graph: Graph, mode: str, exact_codes: bool) -> Optional[str]:
