@@ -64,8 +64,8 @@ def minilm_halves(sentences: int, batch: int = 32, max_length: int = 64) -> dict
     split in halves (calibration, evaluation; batches padded to ``max_length``), the captured fp32 graph and its
     mean-pooled embeddings of the evaluation half (the reference)."""
     import fxopt
-    from fxopt.data import minilm, real_sentences
-    from fxopt.report.embeddings import sentence_batches, sentence_embeddings
+    from fxopt.demo.data import minilm, real_sentences
+    from fxopt.demo.embeddings import sentence_batches, sentence_embeddings
     model, tokenizer = minilm()
     texts = real_sentences(sentences)
     half = sentences // 2

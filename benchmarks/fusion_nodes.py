@@ -70,7 +70,7 @@ def vit_small():
 
 
 def minilm_real(sentences: int = 32):
-    from fxopt.data import minilm, minilm_inputs, real_sentences
+    from fxopt.demo.data import minilm, minilm_inputs, real_sentences
 
     model, tokenizer = minilm()
     return model, minilm_inputs(tokenizer, real_sentences(sentences))

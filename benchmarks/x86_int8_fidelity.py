@@ -24,14 +24,14 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxopt  # noqa: E402
-from fxopt.report.embeddings import embedding_agreement, sentence_embeddings  # noqa: E402
+from fxopt.demo.embeddings import embedding_agreement, sentence_embeddings  # noqa: E402
 
 BATCH, MAX_LENGTH, CALIBRATION_SENTENCES = 32, 64, 128
 
 
 def build(out: str, evaluation_sentences: int = 128) -> None:
-    from fxopt.data import minilm, real_sentences
-    from fxopt.report.embeddings import sentence_batches
+    from fxopt.demo.data import minilm, real_sentences
+    from fxopt.demo.embeddings import sentence_batches
     model, tokenizer = minilm()
     sentences = real_sentences(CALIBRATION_SENTENCES + evaluation_sentences)
     calibration = sentence_batches(tokenizer, sentences[:CALIBRATION_SENTENCES], BATCH, MAX_LENGTH)

@@ -32,7 +32,7 @@ import fxopt  # noqa: E402
 from fxopt.backends import x86_int8  # noqa: E402
 from fxopt.backends.x86_int8 import inductor  # noqa: E402
 from fxopt.report import compare_latency  # noqa: E402
-from fxopt.report.embeddings import embedding_agreement, last_hidden_state, sentence_embeddings  # noqa: E402
+from fxopt.demo.embeddings import embedding_agreement, last_hidden_state, sentence_embeddings  # noqa: E402
 
 AUTOTUNE = dict(inductor.INDUCTOR_OPTIONS)
 
@@ -54,7 +54,7 @@ def compiled_variants(graph, inputs) -> dict:
 
 def latency(args) -> None:
     from benchmarks.x86_int8 import random_minilm
-    from fxopt.data import minilm, real_sentences
+    from fxopt.demo.data import minilm, real_sentences
     model, tokenizer = random_minilm() if args.minilm_random_weights else minilm()
     enc = tokenizer(real_sentences(max(8, args.batch))[: args.batch], padding="max_length", max_length=128,
                     truncation=True, return_tensors="pt")

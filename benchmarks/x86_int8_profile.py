@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxopt  # noqa: E402
 from benchmarks.x86_int8 import random_minilm  # noqa: E402
-from fxopt.data import minilm, real_sentences  # noqa: E402
+from fxopt.demo.data import minilm, real_sentences  # noqa: E402
 from fxopt.report import compare_latency  # noqa: E402
 
 

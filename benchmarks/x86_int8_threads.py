@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxopt  # noqa: E402
-from fxopt.data import minilm, real_sentences  # noqa: E402
-from fxopt.report.embeddings import sentence_batches  # noqa: E402
+from fxopt.demo.data import minilm, real_sentences  # noqa: E402
+from fxopt.demo.embeddings import sentence_batches  # noqa: E402
 from fxopt.report.timing import compare_latency  # noqa: E402
 
 SEQ = 128

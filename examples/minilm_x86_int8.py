@@ -12,8 +12,8 @@ import tempfile
 import torch
 
 import fxopt
-from fxopt.data import minilm, real_sentences
-from fxopt.report.embeddings import embedding_agreement, sentence_batches, sentence_embeddings
+from fxopt.demo.data import minilm, real_sentences
+from fxopt.demo.embeddings import embedding_agreement, sentence_batches, sentence_embeddings
 
 
 def main(argv=None) -> dict:

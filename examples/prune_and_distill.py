@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import fxopt  # noqa: E402
-from fxopt.data import minilm, real_sentences  # noqa: E402
-from fxopt.report.embeddings import embedding_agreement, sentence_batches, sentence_embeddings  # noqa: E402
+from fxopt.demo.data import minilm, real_sentences  # noqa: E402
+from fxopt.demo.embeddings import embedding_agreement, sentence_batches, sentence_embeddings  # noqa: E402
 from fxopt.report.timing import compare_latency  # noqa: E402
 
 LOSSES = {"mse": {"mask_input": 1}, "hidden": {"mask_input": 1}}  # last hidden state and every LayerNorm output

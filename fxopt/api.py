@@ -31,8 +31,8 @@ from fxopt.backends import eager
 from fxopt.backends import x86_int8
 from fxopt.errors import ArtifactError, InputError
 from fxopt.ir import Graph, capture
-from fxopt.ir.batches import Batches
-from fxopt.ir.memory import release_dropped_graphs, trimming_while_resident_grows
+from fxopt.passes.infra.batches import Batches
+from fxopt.passes.infra.memory import release_dropped_graphs, trimming_while_resident_grows
 from fxopt.passes import Pipeline
 from fxopt.passes.lowrank import LowRank
 from fxopt.passes.quantize import calibrate, calibrate_smoothed, choose_float_layers
@@ -113,7 +113,7 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: str 
 
     ``calibration_data`` (a list, a ``DataLoader`` or a generator of input tuples) is streamed, never held
     as a whole: a re-iterable is iterated again for each pass, a one-shot iterator is spilled to a temporary
-    file first (``fxopt.ir.batches``). Memory freed on the way goes back to the OS (``fxopt.ir.memory``).
+    file first (``fxopt.passes.infra.batches``). Memory freed on the way goes back to the OS (``fxopt.passes.infra.memory``).
     """
     with trimming_while_resident_grows():
         return _optimize(model, example_inputs, target, preset, passes, calibration_data, tolerance, metric,

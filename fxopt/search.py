@@ -36,8 +36,8 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError
 from fxopt.ir import Graph
-from fxopt.ir.progress import progress_bar
-from fxopt.ir.batches import as_batches
+from fxopt.passes.infra.progress import progress_bar
+from fxopt.passes.infra.batches import as_batches
 from fxopt.passes.quantize.mixed_precision import Outputs, run_outputs
 from fxopt.report.timing import compare_latency, format_table
 
@@ -127,7 +127,7 @@ def _per_sample(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def held_out_split(batches: Iterable[tuple]):
     """``(fit, check)``: candidates are built on ``fit`` and judged on ``check``, the last quarter of the batches.
 
-    Both are views of ``batches`` (:class:`fxopt.ir.batches.Batches`), streamed, not copied. With one batch
+    Both are views of ``batches`` (:class:`fxopt.passes.infra.batches.Batches`), streamed, not copied. With one batch
     there is nothing to hold out: both are that batch, and a warning says the fidelity is measured on the
     data the candidates were fitted to.
     """

@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-from fxopt.data import mean_pool, minilm, minilm_dir, minilm_inputs, real_sentences  # noqa: F401  (re-exported)
+from fxopt.demo.data import mean_pool, minilm, minilm_dir, minilm_inputs, real_sentences  # noqa: F401  (re-exported)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

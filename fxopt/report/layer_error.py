@@ -44,7 +44,7 @@ import torch.fx as fx
 from fxopt.errors import InputError, op_name
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
-from fxopt.ir.memory import return_freed_memory
+from fxopt.passes.infra.memory import return_freed_memory
 from fxopt.report.op_kinds import is_layer_output, op_kind
 
 #: Bytes of the original's layer outputs held at once, waiting for the optimized graph's: beyond it the
@@ -85,7 +85,7 @@ def per_layer_error(original: Graph, optimized: Graph, inputs,
 def _compare(stats: "_ChannelStats", reference: torch.Tensor, value: torch.Tensor, rows) -> None:
     stats.add(reference, value, rows)
     del reference
-    return_freed_memory()  # the float64 temporaries of add() would otherwise stay resident (fxopt.ir.memory)
+    return_freed_memory()  # the float64 temporaries of add() would otherwise stay resident (fxopt.passes.infra.memory)
 
 
 def _chunks(original: Graph, layers: Dict[str, str], budget: int):

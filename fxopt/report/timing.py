@@ -11,8 +11,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from fxopt.ir.memory import no_background_threads
-from fxopt.ir.progress import progress_bar
+from fxopt.passes.infra.memory import no_background_threads
+from fxopt.passes.infra.progress import progress_bar
 
 
 def compare_latency(candidates: Dict[str, Callable], inputs: Sequence, repeats: int = 10,

@@ -37,7 +37,7 @@ import torch.fx as fx
 from fxopt.errors import PassError, describe_node
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
-from fxopt.ir.progress import progress_bar
+from fxopt.passes.infra.progress import progress_bar
 from fxopt.passes.infra.driver import Rewriter
 from fxopt.passes.quantize.insert_qdq import INT8, quantize_weight_per_channel
 from fxopt.train.fake_quant import fake_quantize_activation, fake_quantize_weight

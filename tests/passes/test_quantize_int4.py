@@ -32,7 +32,7 @@ from fxopt.passes.quantize.gptq import LazyHessians, gptq_int4_grouped, gptq_per
 from fxopt.passes.quantize.insert_qdq import quantize_weight_per_channel
 from fxopt.passes.quantize.observers import QDTYPES
 from fxopt.passes.quantize.int4 import GROUP_SIZES, pack_int4, quantize_int4_grouped
-from fxopt.report.embeddings import embedding_agreement, sentence_embeddings
+from fxopt.demo.embeddings import embedding_agreement, sentence_embeddings
 from tests.harness import (
     ACTIVATIONS, AttentionBlock, MLPBlock, ModelCase, ResidualBlock, Sequence_, count, examples, relative_error,
 )

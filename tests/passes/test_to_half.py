@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxopt
-from fxopt.data import minilm, real_sentences
+from fxopt.demo.data import minilm, real_sentences
 from fxopt.passes.quantize.to_half import FP32_GROUPS
-from fxopt.report.embeddings import embedding_agreement, sentence_batches, sentence_embeddings
+from fxopt.demo.embeddings import embedding_agreement, sentence_batches, sentence_embeddings
 from tests.harness import (
     TOLERANCE, assert_equivalent, conv_model_cases, count, examples, outputs_of, relative_error, token_model_cases,
 )

@@ -39,7 +39,7 @@ from fxopt.backends.x86_int8.kernels import FUSED_ACTIVATIONS, ActivationCodes, 
 from fxopt.errors import describe_node, op_name
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
-from fxopt.ir.memory import release_dropped_graphs
+from fxopt.passes.infra.memory import release_dropped_graphs
 from fxopt.ir.ops import fxopt_ops
 
 aten = torch.ops.aten

@@ -23,8 +23,8 @@ import torch.fx as fx
 from fxopt.errors import InputError, PassError
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
-from fxopt.ir.progress import progress_bar
-from fxopt.ir.memory import return_freed_memory
+from fxopt.passes.infra.progress import progress_bar
+from fxopt.passes.infra.memory import return_freed_memory
 from fxopt.ir.ops import fxopt_ops
 from fxopt.passes.quantize.observers import MinMaxObserver, Observer, make_observer
 
@@ -131,7 +131,7 @@ def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: st
             inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
             _check_calibration_batch(graph, inputs, index)
             interpreter.run(*inputs)
-            return_freed_memory()  # the observers' temporaries would otherwise stay resident (fxopt.ir.memory)
+            return_freed_memory()  # the observers' temporaries would otherwise stay resident (fxopt.passes.infra.memory)
             if len(sample) < sample_batches:
                 sample.append(inputs)
             batches += 1

@@ -17,7 +17,7 @@ or, as one pass on the batches that calibrate kept (``calibration_sample``):
 The error is ``metric(reference_outputs, outputs)``; the default is the relative
 error ``||y - ŷ|| / ||y||`` over every floating-point output of every batch.
 Where some outputs do not matter (padded tokens of a sentence encoder), pass a
-metric that ignores them, e.g. ``fxopt.report.embeddings.pooled_cosine_distance``.
+metric that ignores them, e.g. ``fxopt.demo.embeddings.pooled_cosine_distance``.
 The pass reports the table in its stats (``table``, ``float_layers``).
 
 The error with more ops kept in float usually falls, but not always: on tiny
@@ -37,10 +37,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import PassError, op_name
-from fxopt.ir.batches import Batches, as_batches
+from fxopt.passes.infra.batches import Batches, as_batches
 from fxopt.ir.graph import Graph
-from fxopt.ir.progress import progress_bar
-from fxopt.ir.memory import release_dropped_graphs
+from fxopt.passes.infra.progress import progress_bar
+from fxopt.passes.infra.memory import release_dropped_graphs
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.quantize.calibrate import calibration_sample, quantizable_ops
@@ -124,7 +124,7 @@ class _ErrorMeter:
         error = self.metric(self.reference, run_outputs(quantized, self.data))
         quantized_bytes = quantized.size_bytes_not_in(self.graph)
         del quantized
-        release_dropped_graphs(quantized_bytes)  # its quantized weights wait for the cyclic collector (fxopt.ir.memory)
+        release_dropped_graphs(quantized_bytes)  # its quantized weights wait for the cyclic collector (fxopt.passes.infra.memory)
         return error
 
     def quantizable_names(self) -> List[str]:

@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import meta as M
-from fxopt.ir.batches import streamed
+from fxopt.passes.infra.batches import streamed
 from fxopt.ir.graph import Graph
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.driver import Rewriter
@@ -199,7 +199,7 @@ def calibrate_smoothed(graph: Graph, data: Iterable, alpha: float = 0.5, progres
                        **calibrate_options) -> Graph:
     """Calibrate, smooth-quant, calibrate again: a graph ready for insert-qdq{scheme=static} or mixed-precision.
 
-    ``data`` is iterated twice, never held: a one-shot iterator is spilled to disk (``fxopt.ir.batches``).
+    ``data`` is iterated twice, never held: a one-shot iterator is spilled to disk (``fxopt.passes.infra.batches``).
     """
     with streamed(data) as batches:
         calibrated = calibrate(graph, batches, progress=progress, **calibrate_options)

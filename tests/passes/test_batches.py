@@ -1,4 +1,4 @@
-"""fxopt.ir.batches: calibration data iterated again and again, a one-shot iterator spilled to disk."""
+"""fxopt.passes.infra.batches: calibration data iterated again and again, a one-shot iterator spilled to disk."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fxopt.ir.batches import Batches, as_batches, as_input_tuple, streamed
+from fxopt.passes.infra.batches import Batches, as_batches, as_input_tuple, streamed
 
 
 def _tensors(seed=0):

@@ -1,4 +1,4 @@
-"""fxopt.ir.memory: dropped graphs' weights wait for the cyclic collector until enough of them add up."""
+"""fxopt.passes.infra.memory: dropped graphs' weights wait for the cyclic collector until enough of them add up."""
 import gc
 import threading
 import weakref
@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 
-from fxopt.ir import memory
+from fxopt.passes.infra import memory
 
 
 class Cycle:

@@ -4,7 +4,7 @@
     reference = sentence_embeddings(model_fn, batches)
     cosine, nn_agreement = embedding_agreement(reference, sentence_embeddings(quantized_fn, batches))
 
-Embeddings are mean-pooled over the attention mask (``fxopt.data.mean_pool``).
+Embeddings are mean-pooled over the attention mask (``fxopt.demo.data.mean_pool``).
 NN agreement is the share of sentences whose most similar other sentence is the
 same under both models. Used by the MiniLM quantization test and benchmark.
 """
@@ -15,7 +15,7 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from fxopt.data import mean_pool
+from fxopt.demo.data import mean_pool
 
 Batch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 import fxopt
-from fxopt.data import mean_pool, minilm, real_sentences
+from fxopt.demo.data import mean_pool, minilm, real_sentences
 from fxopt.report import compare_latency, format_table
 
 
