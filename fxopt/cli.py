@@ -38,14 +38,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fxopt.api import PRESETS, TARGETS
+    from fxopt.targets import registered_targets
+    targets = registered_targets()
+    presets = sorted({name for cls in targets.values() for name in cls.presets})
     parser = argparse.ArgumentParser(prog="fxopt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     opt = commands.add_parser("optimize", help="optimize a model and save the artifact")
     opt.add_argument("factory", metavar="MODULE:FACTORY")
-    opt.add_argument("--target", default="eager", choices=TARGETS)
-    opt.add_argument("--preset", choices=sorted(PRESETS))
+    opt.add_argument("--target", default="eager", choices=list(targets))
+    opt.add_argument("--preset", choices=presets,
+                     help="the target's preset (each target lists its own: fxopt passes)")
     opt.add_argument("--passes", help="a pipeline spec, e.g. 'cleanup,fuse-epilogue'")
     opt.add_argument("--tolerance", type=_tolerance,
                      help="search the candidates and keep the fastest within it: cosine=0.99, max_rel_err=0.01, "
@@ -151,6 +154,13 @@ def _passes(args) -> int:
     print("\npresets:")
     for name, spec in registered_presets().items():
         print(f"  {name:30s} {spec}")
+    from fxopt.targets import registered_targets
+    print("\ntargets (optimize --target T --preset P):")
+    for name, cls in registered_targets().items():
+        print(f"  {name}")
+        for preset, meaning in cls.presets.items():
+            default = " (default)" if preset == cls.default_preset else ""
+            print(f"    {preset + default:28s} {meaning.passes}: {meaning.description}")
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxopt
-from fxopt.api import quantize_for_x86
+from fxopt.targets.x86_quantize import quantize_for_x86
 from fxopt.passes.quantize.calibrate import calibrate
 
 BATCHES = 16

@@ -55,7 +55,7 @@ def main(argv=None) -> str:
     parser.add_argument("--sentences", type=int, default=32, help="batch size of the timed and scored batch")
     parser.add_argument("--length", type=int, default=128, help="tokens per sentence (padded)")
     parser.add_argument("--calibration", type=int, default=128, help="real sentences to calibrate on")
-    parser.add_argument("--target", default="x86-int8", choices=fxopt.api.TARGETS)
+    parser.add_argument("--target", default="x86-int8", choices=list(fxopt.targets.registered_targets()))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="artifact directory (default: a temporary one)")
     args = parser.parse_args(argv)

@@ -251,7 +251,7 @@ def int8_linears(lowered):
     gm = lowered.module
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Int8Linear):
-            yield node, gm.get_submodule(node.target), node.target[len("int8_"):].rstrip("_")
+            yield node, gm.get_submodule(node.target), node.target.rpartition(".")[2]
 
 
 def linear_parts(quantized, values, linear):
@@ -566,7 +566,7 @@ def test_weight_only_layers_run_float_gemms_on_weights_dequantized_once():
     """The x86 default for sensitive linears: int8 weights on disk, float activations, no per-call dequantize."""
     ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(6))
     graph = fxopt.calibrate(fxopt.capture(EmbedMLP().eval(), (ids,)), [(ids,)], progress=False)
-    quantized, spec = fxopt.api.insert_qdq_for_x86(graph, skip=("linear_1",))
+    quantized, spec = fxopt.targets.x86_quantize.insert_qdq_for_x86(graph, skip=("linear_1",))
     assert "scheme=weight-only" in spec
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing falls back: the weight-only linear is float by design

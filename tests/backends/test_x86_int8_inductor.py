@@ -23,7 +23,7 @@ import fxopt
 from fxopt.backends import x86_int8
 from fxopt.backends.x86_int8 import inductor
 from fxopt.errors import InputError
-from fxopt.api import quantize_for_x86
+from fxopt.targets.x86_quantize import quantize_for_x86
 from tests.backends.test_x86_int8 import QDTYPE, count_linears, few_examples, quantize
 from tests.harness import relative_error, token_model_cases
 

@@ -36,7 +36,7 @@ import torch.fx as fx
 from fxopt.backends.x86_int8 import inductor
 from fxopt.backends.x86_int8.isa import Isa, detect_isa
 from fxopt.backends.x86_int8.kernels import FUSED_ACTIVATIONS, ActivationCodes, Int8Embedding, Int8Linear
-from fxopt.errors import describe_node, op_name
+from fxopt.errors import LoweringError, describe_node, op_name
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
 from fxopt.passes.infra.memory import release_dropped_graphs
@@ -45,6 +45,8 @@ from fxopt.ir.ops import fxopt_ops
 aten = torch.ops.aten
 QD = torch.ops.quantized_decomposed
 TARGET = "x86-int8"
+#: The submodule that holds each lowered node's int8 kernel module, under the node's name.
+KERNELS = "int8_kernels"
 
 
 def _q_targets():
@@ -194,7 +196,7 @@ def _lower_linears(graph: Graph, isa: Isa, report: LoweringReport) -> None:
             x, multiplier = multiplied
             module.multiply_input(multiplier)
             report.fused_multipliers += 1
-        _replace_with_module(graph, node, f"int8_{node.name}", module, x)
+        _replace_with_module(graph, node, module, x)
         report.int8_linears += 1
 
 
@@ -272,12 +274,12 @@ def _is_param(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
-def _replace_with_module(graph: Graph, node: fx.Node, name_hint: str, module: torch.nn.Module,
-                         *args) -> fx.Node:
-    name = name_hint
-    while hasattr(graph.module, name):
-        name += "_"
-    graph.module.add_submodule(name, module)
+def _replace_with_module(graph: Graph, node: fx.Node, module: torch.nn.Module, *args) -> fx.Node:
+    """Replace ``node`` by a call of ``module``, kept as ``int8_kernels.<node name>`` (node names are unique)."""
+    name = f"{KERNELS}.{node.name}"
+    if not graph.module.add_submodule(name, module):
+        raise LoweringError(f"x86-int8: node %{node.name}: the graph module's attribute {KERNELS!r} is not a module, "
+                            "so the int8 kernels have nowhere to go; rename that parameter or buffer")
     with graph.fx_graph.inserting_before(node):
         new = graph.fx_graph.call_module(name, tuple(args))
     new.meta.update(node.meta)
@@ -294,7 +296,7 @@ def _lower_embeddings(graph: Graph, report: LoweringReport) -> None:
         if parts is None or not _is_float32(node):  # Int8Embedding returns float32
             continue
         padding_idx = node.args[2] if len(node.args) > 2 else -1
-        _replace_with_module(graph, node, f"int8_{node.name}", Int8Embedding(*parts, None, padding_idx), ids)
+        _replace_with_module(graph, node, Int8Embedding(*parts, None, padding_idx), ids)
         report.int8_embeddings += 1
 
 

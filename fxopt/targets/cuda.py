@@ -1,0 +1,51 @@
+"""``cuda``: TVM Relax for NVIDIA GPUs; fxopt's attention kernel takes the whole attention, cuBLASLt the GEMMs.
+
+It builds on any machine (code generation through TVM and nvcc needs no GPU) and runs where there is one: a
+built model can be saved here and loaded on the GPU machine; calling it without a GPU raises DeviceError.
+"""
+from __future__ import annotations
+
+import time
+
+from fxopt.errors import InputError
+from fxopt.targets.base import Preset, Target, say
+from fxopt.targets.registry import register_target
+
+#: The fastest measured on the H100 (benchmarks/results/gpu_bert_norm_act.md); epilogue fusion is TVM's.
+CUDA_PRESETS = {"fast": Preset("cleanup,fuse-attention", "attention fused into fxopt's kernel, float16 compute")}
+
+
+@register_target
+class CudaTarget(Target):
+    name = "cuda"
+    presets = CUDA_PRESETS
+    options = {"matmul": ("cublaslt", "default", "mma"), "dtype": ("float16", "float32")}
+    #: the per-layer comparison would run the whole model on the CPU of a machine that may be only the builder
+    reports_layer_error = False
+
+    def check_search(self) -> None:
+        raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
+                         "measure every candidate on the GPU; drop tolerance (cuda builds one float16 pipeline, "
+                         "relative error ~1e-3 on BERT), or search with target='x86-int8'/'eager'")
+
+    def runs_here(self) -> bool:
+        import torch
+        return torch.cuda.is_available()
+
+    def lower(self, graph, example_inputs=(), progress=False, built_with=None):
+        from fxopt.backends.tvm_cuda import deploy
+        say(progress, f"fxopt cuda: building with TVM and nvcc ({self.settings}) ...")
+        started = time.perf_counter()
+        runner = deploy.build_target(graph, **self.settings)
+        runner.build_seconds = round(time.perf_counter() - started, 1)
+        return runner
+
+    def lowering_report(self, runner):
+        from fxopt.backends.tvm_cuda import deploy
+        if not hasattr(runner, "build_seconds"):  # loaded from an artifact: nothing was built here
+            return {}
+        return {**deploy.build_summary(runner), **self.settings, "seconds": getattr(runner, "build_seconds", None)}
+
+    def load(self, graph, directory, manifest):
+        from fxopt.backends.tvm_cuda import deploy
+        return deploy.load_target(graph, str(directory))
