@@ -431,6 +431,8 @@ void Attention(const TensorView& q, const TensorView& k, const TensorView& v, co
                int64_t causal, const TensorView& out) {
   Check(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && out.ndim() == 4, "q, k, v and out must be 4-D BSNH");
   Check(IsHalf(q) && IsHalf(k) && IsHalf(v) && IsHalf(out), "q, k, v and out must be float16");
+  Check(q.IsContiguous() && k.IsContiguous() && v.IsContiguous() && out.IsContiguous(),
+        "q, k, v and out must be contiguous BSNH (strides are not read); pass .contiguous() copies");
   const int64_t batch = q.shape()[0], len_q = q.shape()[1], heads = q.shape()[2], dim = q.shape()[3];
   const int64_t len_k = k.shape()[1], dim_v = v.shape()[3];
   Check(k.shape()[0] == batch && k.shape()[2] == heads && k.shape()[3] == dim, "k does not match q");

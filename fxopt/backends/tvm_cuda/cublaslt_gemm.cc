@@ -119,6 +119,9 @@ Problem Describe(const TensorView& a, const TensorView& b, const TensorView* bia
   p.dtype = BlasType(a);
   TVM_FFI_CHECK(BlasType(b) == p.dtype && BlasType(out) == p.dtype, TypeError)
       << "fxopt.cublaslt: a, b and out must share a dtype";
+  TVM_FFI_CHECK(a.IsContiguous() && b.IsContiguous() && out.IsContiguous() && (!bias || bias->IsContiguous()),
+                ValueError)
+      << "fxopt.cublaslt: a, b, out and bias must be contiguous (strides are not read); pass .contiguous() copies";
   p.bias = bias != nullptr;
   if (p.bias) {
     TVM_FFI_CHECK(BlasType(*bias) == p.dtype && Numel(*bias, 0, bias->ndim()) == p.n, ValueError)
@@ -169,13 +172,17 @@ void SetBias(const Plan& plan, const void* bias) {
             "set bias pointer");
 }
 
-void Launch(DeviceState& dev, const Plan& plan, const cublasLtMatmulAlgo_t& algo, const Operands& x,
-            cudaStream_t stream) {
+cublasStatus_t TryLaunch(DeviceState& dev, const Plan& plan, const cublasLtMatmulAlgo_t& algo, const Operands& x,
+                         cudaStream_t stream) {
   const float alpha = 1.0f, beta = 0.0f;
   SetBias(plan, x.bias);
-  CheckBlas(cublasLtMatmul(dev.handle, plan.desc, &alpha, x.b, plan.layout_a, x.a, plan.layout_b, &beta, x.out,
-                           plan.layout_c, x.out, plan.layout_c, &algo, dev.workspace, kWorkspaceBytes, stream),
-            "cublasLtMatmul");
+  return cublasLtMatmul(dev.handle, plan.desc, &alpha, x.b, plan.layout_a, x.a, plan.layout_b, &beta, x.out,
+                        plan.layout_c, x.out, plan.layout_c, &algo, dev.workspace, kWorkspaceBytes, stream);
+}
+
+void Launch(DeviceState& dev, const Plan& plan, const cublasLtMatmulAlgo_t& algo, const Operands& x,
+            cudaStream_t stream) {
+  CheckBlas(TryLaunch(dev, plan, algo, x, stream), "cublasLtMatmul");
 }
 
 std::vector<cublasLtMatmulHeuristicResult_t> Candidates(DeviceState& dev, const Problem& p, const Plan& plan) {
@@ -201,7 +208,9 @@ std::vector<cublasLtMatmulHeuristicResult_t> Candidates(DeviceState& dev, const 
   return results;
 }
 
-// Times each candidate on the real operands (before any capture) and returns the fastest.
+// Times each candidate on the real operands (before any capture) and returns the fastest. The heuristic's
+// preferences cover the alignment of A, B, C and D but not of the bias: a candidate that refuses these operands
+// (CUBLAS_STATUS_NOT_SUPPORTED, e.g. for a bias pointer aligned to 2 bytes only) is skipped, not fatal.
 cublasLtMatmulAlgo_t Fastest(DeviceState& dev, const Plan& plan,
                              const std::vector<cublasLtMatmulHeuristicResult_t>& candidates, const Operands& x,
                              cudaStream_t stream) {
@@ -209,20 +218,27 @@ cublasLtMatmulAlgo_t Fastest(DeviceState& dev, const Plan& plan,
   CheckCuda(cudaEventCreate(&start), "cudaEventCreate");
   CheckCuda(cudaEventCreate(&stop), "cudaEventCreate");
   float best_ms = 1e30f;
-  cublasLtMatmulAlgo_t best = candidates[0].algo;
+  const cublasLtMatmulAlgo_t* best = nullptr;
+  cublasStatus_t refused = CUBLAS_STATUS_SUCCESS;
   for (const auto& candidate : candidates) {
-    Launch(dev, plan, candidate.algo, x, stream);  // warm-up
+    cublasStatus_t status = TryLaunch(dev, plan, candidate.algo, x, stream);  // warm-up, and can it run?
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) {
+      refused = status;
+      continue;
+    }
+    CheckBlas(status, "cublasLtMatmul");
     CheckCuda(cudaEventRecord(start, stream), "cudaEventRecord");
     for (int i = 0; i < kTimingReps; ++i) Launch(dev, plan, candidate.algo, x, stream);
     CheckCuda(cudaEventRecord(stop, stream), "cudaEventRecord");
     CheckCuda(cudaEventSynchronize(stop), "cudaEventSynchronize");
     float ms = 0;
     CheckCuda(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    if (ms < best_ms) best_ms = ms, best = candidate.algo;
+    if (ms < best_ms) best_ms = ms, best = &candidate.algo;
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  return best;
+  if (best == nullptr) CheckBlas(refused, "cublasLtMatmul (every heuristic candidate refused these operands)");
+  return *best;
 }
 
 bool Capturing(cudaStream_t stream) {
