@@ -31,11 +31,11 @@ from fxopt.backends import eager
 from fxopt.backends import x86_int8
 from fxopt.errors import ArtifactError, InputError
 from fxopt.ir import Graph, capture
-from fxopt.passes.infra.batches import Batches
+from fxopt.passes.infra.batches import Batches, as_batches
 from fxopt.passes.infra.memory import release_dropped_graphs, trimming_while_resident_grows
 from fxopt.passes import Pipeline
 from fxopt.passes.lowrank import LowRank
-from fxopt.passes.quantize import calibrate, calibrate_smoothed, choose_float_layers
+from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.mixed_precision import run_outputs
 from fxopt.report.graph_svg import graph_outline
@@ -60,6 +60,8 @@ SMOOTH_ALPHA = 0.8
 #: sensitive first: on MiniLM (AVX2) 6 of 25 lift held-out cosine / NN agreement from 0.9974 / 0.922 to
 #: 0.9982 / 0.961 at the same 23 MB (benchmarks/results/x86_int8_cpu2.md).
 NO_VNNI_FLOAT_ACTIVATION_SHARE = 0.25
+#: How many of the first calibration batches go to the passes that read data themselves (GPTQ, low-rank).
+PASS_CALIBRATION_BATCHES = 4
 
 
 @dataclass
@@ -214,7 +216,7 @@ def _candidates(original: Graph, fused: Graph, spec: str, target: str, batches, 
     if target != x86_int8.TARGET:
         return
     calibrated = calibrate_for_x86(fused, batches, progress)
-    quantized, qspec = insert_qdq_for_x86(calibrated)
+    quantized, qspec = insert_qdq_for_x86(calibrated, calibration=batches)
     yield _x86_candidate("int8", f"{spec},{qspec}", quantized)
     mixed = _mixed_precision_candidate(original, calibrated, spec, batches, tolerance, progress)
     if mixed is not None:
@@ -223,10 +225,10 @@ def _candidates(original: Graph, fused: Graph, spec: str, target: str, batches, 
 
 def _low_rank_candidates(fused: Graph, spec: str, batches, progress: bool):
     """Float candidates whose linears are factored (whitened SVD) to keep :data:`LOW_RANK_RATIOS` of their weights."""
-    calibrated = calibrate(fused, batches, progress=progress)  # low-rank reads the activations it keeps
+    sample = batches.take(0, PASS_CALIBRATION_BATCHES)  # whitening reads its activations
     for ratio in LOW_RANK_RATIOS:
-        step = LowRank(ratio=ratio, activation_aware=True, statistic="covariance")
-        result = step(calibrated)
+        step = LowRank(ratio=ratio, activation_aware=True, statistic="covariance", calibration=sample)
+        result = step(fused)
         if result.modified:
             yield Candidate(f"low-rank {ratio:g}", f"{spec},{step.spec()}", result.graph, eager.lower(result.graph),
                             "eager", compressed=True, stats={"low_rank": result.stats})
@@ -246,7 +248,7 @@ def _mixed_precision_candidate(original: Graph, calibrated: Graph, spec: str, ba
     ranked = [row.name for row in plan.rows]
     reference = run_outputs(original, batches)
     for kept in range(len(plan.float_layers), len(ranked)):
-        graph, mspec = insert_qdq_for_x86(calibrated, ranked[:kept])
+        graph, mspec = insert_qdq_for_x86(calibrated, ranked[:kept], calibration=batches)
         candidate = _x86_candidate(f"int8, {kept} of {len(ranked)} layers float", f"{spec},{mspec}", graph,
                                    {"mixed_precision": plan.format()})
         if tolerance.meets(tolerance.value(reference, run_outputs_of(candidate.runner, batches))):
@@ -276,7 +278,7 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, tolerance: 
             skip = most_sensitive_layers(calibrated, batches.take(0, 1), NO_VNNI_FLOAT_ACTIVATION_SHARE, progress)
         else:
             skip = ()
-    quantized = insert_qdq_for_x86(calibrated, skip)
+        quantized = insert_qdq_for_x86(calibrated, skip, calibration=batches)
     smoothed_bytes = calibrated.size_bytes_not_in(graph)
     del calibrated
     release_dropped_graphs(smoothed_bytes)  # the smoothed float weights, as large as the linears, go with it
@@ -308,9 +310,9 @@ def float_layers_for(calibrated: Graph, batches, tolerance: float, metric: Optio
                                **options)
 
 
-def insert_qdq_for_x86(calibrated: Graph, skip=()):
-    """Static int8 Q/DQ (embeddings too; 7-bit weights GPTQ-rounded); the ``skip``ped linears keep float
-    activations with int8 weights.
+def insert_qdq_for_x86(calibrated: Graph, skip=(), calibration: Optional[Batches] = None):
+    """Static int8 Q/DQ (embeddings too; 7-bit weights GPTQ-rounded on ``calibration``'s first batches); the
+    ``skip``ped linears keep float activations with int8 weights.
 
     Weight-only int8 for the float-activation layers keeps the artifact as small as all-int8 (the x86
     backend dequantizes those weights once, at load); on MiniLM it loses far less than their
@@ -319,8 +321,9 @@ def insert_qdq_for_x86(calibrated: Graph, skip=()):
     bits = x86_weight_bits()
     # GPTQ rounding for 7-bit weights: MiniLM on AVX2 0.9975/0.938 -> 0.9983/0.961 (cosine/NN). For 8-bit
     # weights it raised the cosine (0.9980 -> 0.9985) but not NN agreement, so round-to-nearest stays there.
+    sample = None if calibration is None else as_batches(calibration).take(0, PASS_CALIBRATION_BATCHES)
     insert = InsertQDQ(scheme="static", activation_matmuls=False, embeddings=True, skip=tuple(skip),
-                       bits=bits, method="gptq" if bits < 8 else "rtn")
+                       bits=bits, method="gptq" if bits < 8 else "rtn", calibration=sample)
     steps = [insert] + ([InsertQDQ(scheme="weight-only", activation_matmuls=False)] if skip else [])
     graph = calibrated
     for step in steps:
