@@ -23,9 +23,9 @@ A layer whose factors would not be smaller, ``r·(in+out) >= in·out``, is left 
 ``activation-aware=true`` (ASVD) scales the weight's input columns by activation statistics before the SVD
 (``statistics.py``); ``statistic=covariance`` whitens by their full second moment instead (SVD-LLM). It reads
 the calibration data handed to it: ``LowRank(..., activation_aware=True, calibration=batches)`` or
-``Pipeline("low-rank{...,activation-aware=true}", calibration=batches)``. At equal rank it loses less output accuracy: MiniLM with its 12 FFN
-linears at rank 192 keeps an embedding cosine of 0.67 (plain), 0.79 (rms), 0.92 (covariance) to fp32
-(benchmarks/results/lowrank_minilm.md).
+``Pipeline("low-rank{...,activation-aware=true}", calibration=batches)``. At equal rank it loses less output
+accuracy: MiniLM with its 12 FFN linears at rank 192 keeps an embedding cosine of 0.67 (plain), 0.79 (rms), 0.92
+(covariance) to fp32 (benchmarks/results/lowrank_minilm.md).
 
 A weight that other ops read as well (an LM head tied to the embedding table, a shared weight whose other
 reader is filtered out) is not factored: the dense tensor would stay besides the factors. Its name is listed
