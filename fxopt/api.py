@@ -56,16 +56,19 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: Unio
     with trimming_while_resident_grows():
         chosen_target = resolve_target(target, options)
         chosen_target.check_device()
+        if passes is not None and preset is not None:
+            raise InputError("optimize: pass either preset= or passes=, not both")
         preset_used = chosen_target.preset(None if passes is not None else preset)
-        pipeline = _pipeline(preset, passes, preset_used.passes)
         parsed_tolerance = parse_tolerance(tolerance, metric) if tolerance is not None else None
         if parsed_tolerance is not None:
             chosen_target.check_search()
         original = capture(model, example_inputs)
-        fused = pipeline(original)
-        stats: Dict[str, Any] = {"passes": fused.stats, "graph_before": graph_outline(original)}
         warn = chosen_target.name if chosen_target.calibrates else None
         with calibration_batches(example_inputs, calibration_data, warn_for=warn) as calibration:
+            # passes that read data (GPTQ, whitened low-rank, ...) get the user's, never the example inputs
+            pipeline = _pipeline(preset, passes, preset_used.passes, calibration if calibration_data is not None else None)
+            fused = pipeline(original)
+            stats: Dict[str, Any] = {"passes": fused.stats, "graph_before": graph_outline(original)}
             context = BuildContext(original, fused.graph, pipeline.spec, tuple(example_inputs), calibration,
                                    preset_used, progress, parsed_tolerance)
             build = _search(chosen_target, context, stats) if parsed_tolerance else _build(chosen_target, context)
@@ -157,9 +160,7 @@ def load(directory: Union[str, Path], allow_torch_mismatch: bool = False, **opti
     return OptimizedModel(runner, graph, name, pipeline, stats={"lowering": report} if report else {})
 
 
-def _pipeline(preset: Optional[str], passes, preset_passes: str) -> Pipeline:
-    if passes is not None and preset is not None:
-        raise InputError("optimize: pass either preset= or passes=, not both")
-    if passes is not None:
-        return passes if isinstance(passes, Pipeline) else Pipeline(passes)
-    return Pipeline(preset_passes)
+def _pipeline(preset: Optional[str], passes, preset_passes: str, calibration) -> Pipeline:
+    if isinstance(passes, Pipeline):
+        return passes  # it carries its own calibration data, if its passes need any
+    return Pipeline(passes if passes is not None else preset_passes, calibration=calibration)

@@ -145,12 +145,15 @@ def _flat_outputs(output) -> dict:
 
 def _passes(args) -> int:
     from fxopt.passes import registered_passes, registered_presets
+    from fxopt.passes.infra.base import option_fields
     for name, cls in registered_passes().items():
-        options = ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in dataclasses.fields(cls)
+        options = ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in option_fields(cls)
                             if f.default is not dataclasses.MISSING)
         print(f"{name:32s} {getattr(cls, 'summary', '')}")
         if options:
             print(f"{'':32s}   options: {options}")
+        if cls.takes_calibration():
+            print(f"{'':32s}   calibration data, where an option needs it: Pipeline(spec, calibration=batches)")
     print("\npresets:")
     for name, spec in registered_presets().items():
         print(f"  {name:30s} {spec}")

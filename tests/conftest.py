@@ -26,6 +26,14 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 #: The pipeline fuzz (tests/test_fuzz_pipelines.py) draws new cases each run from this seed, printed in the
 #: header; FXOPT_FUZZ_SEED=N replays a run.
 FUZZ_SEED = int(os.environ.get("FXOPT_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+os.environ["FXOPT_FUZZ_SEED"] = str(FUZZ_SEED)  # pytest-xdist's workers inherit it: one seed per run
+
+# `make test` runs two pytest-xdist workers on CI's 2 cores (most of the suite is single-threaded Python:
+# capture, hypothesis, passes); each worker gets one torch thread so the two do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_report_header(config):

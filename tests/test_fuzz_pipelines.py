@@ -2,7 +2,8 @@
 
 Each example draws a generated model (``tests/harness.py``) and a pipeline of 1-4 of fxopt's registered passes
 with random valid options (one test per pass, whose pipelines all hold it), calibrates the graph when a drawn
-pass needs it, and runs ``Pipeline(spec, debug=True)``, which runs the verifier after every pass. It proves
+pass needs it, and runs ``Pipeline(spec, debug=True, calibration=[example inputs])``, which runs the verifier
+after every pass. It proves
 that the spec round-trips and either
 - a pass refuses the model: an FxoptError raised by the pass itself (not by the verifier, and no other
   exception type), in the pipeline's context, whose message names a node or an option; or
@@ -206,8 +207,9 @@ TOLERANCES: Dict[str, Bound] = {
 }
 #: Passes marked lossless (``lossy=False``) that options make lossy.
 LOSSY_BY_OPTION = {"share-params"}
-#: Refusals about the graph as a whole, with no node or option to name.
-GRAPH_LEVEL_REFUSALS = ("the graph carries no calibration sample",)
+#: Refusals about the graph as a whole, with no node or option to name (none now: a pass missing calibration
+#: data names the option that needs it and ``calibration``).
+GRAPH_LEVEL_REFUSALS = ()
 
 
 # ------------------------------------------------------------------ checks
@@ -289,7 +291,7 @@ def check_random_pipeline(anchor: str, case: ModelCase, data) -> None:
     graph = fxopt.capture(case.model, case.inputs)
     passes = data.draw(pipelines(anchor, NodeNames.of(graph)), label="passes")
     spec = ",".join(p.spec() for p in passes)
-    pipeline = fxopt.Pipeline(spec, debug=True)
+    pipeline = fxopt.Pipeline(spec, debug=True, calibration=[case.inputs])  # for the passes that read data
     assert pipeline.passes == passes, f"the spec {spec!r} does not round-trip"
     for p in passes:
         event(f"pass: {p.name}")
@@ -399,8 +401,9 @@ def conv_bn(fresh_statistics: bool):
 def test_gradient_criteria_prune_convs_followed_by_batch_norm(criterion):
     """Autograd refuses to differentiate BatchNorm's running statistics: they are scored without gradients."""
     model, inputs = conv_bn(fresh_statistics=False)
-    graph = fxopt.calibrate(fxopt.capture(model, inputs), [inputs], progress=False)
-    result = fxopt.Pipeline(f"prune-channels{{ratio=0.5,criterion={criterion}}}", debug=True)(graph)
+    graph = fxopt.capture(model, inputs)
+    result = fxopt.Pipeline(f"prune-channels{{ratio=0.5,criterion={criterion}}}", debug=True,
+                            calibration=[inputs])(graph)
     assert result.stats["0:prune-channels"]["pruned"] == {"channels:0": [4, 8]}
 
 

@@ -18,23 +18,16 @@ The format (``format_version`` 1)::
                              "requires_grad": true}},
      "codegen": {"orig_args": ["x"], "in_spec": "<treespec_dumps>", "out_spec": "<treespec_dumps>"}}
 
-Call targets are qualified names: ``"ns::op.overload"`` for torch ops (resolved
-through ``torch.ops``, which only finds registered operators) or a name from
-:data:`BUILTIN_TARGETS` (``"operator.getitem"``). Argument values are JSON
-scalars and lists, or one-key objects: ``{"node": name}``, ``{"tuple": [...]}``,
-``{"float": "inf"}``, ``{"dtype": "float32"}``, ``{"device": "cpu"}``,
-``{"layout": "strided"}``, ``{"memory_format": "contiguous_format"}``,
-``{"slice": [start, stop, step]}``, ``{"ellipsis": true}``. Node metadata is
-recomputed on load (``refresh_meta``); QParams and stack traces are kept.
+Call targets and argument values are encoded by ``serialize_values.py``, the
+weights' descriptions (``params``) and the module rebuilt from them by
+``serialize_weights.py``. Node metadata is recomputed on load (``refresh_meta``);
+QParams of one scale are kept.
 """
 from __future__ import annotations
 
-import builtins
 import json
-import math
-import operator
 import re
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
@@ -44,26 +37,14 @@ from torch.utils import _pytree as pytree
 from fxopt.errors import ArtifactError, describe_node
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph, InputSpec
+from fxopt.ir.serialize_values import (  # noqa: F401  (BUILTIN_TARGETS, resolve_target: importable from here too)
+    BUILTIN_TARGETS, DTYPES, dtype_name, lookup, resolve_target, target_to_json,
+    value_from_json as _value_from_json, value_to_json as _value_to_json,
+)
+from fxopt.ir.serialize_weights import check_weights_described, param_to_json, weights_module
 
 FORMAT_VERSION = 1
 
-#: The Python callables exported graphs call (mostly on SymInts), by the name stored in graph.json.
-BUILTIN_TARGETS: Dict[str, Any] = {
-    **{f"operator.{n}": getattr(operator, n) for n in (
-        "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
-        "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift")},
-    **{f"math.{n}": getattr(math, n) for n in ("sqrt", "ceil", "floor", "trunc")},
-    **{f"builtins.{n}": getattr(builtins, n) for n in ("abs", "min", "max", "round", "int", "float", "bool")},
-    **{f"torch.{n}": getattr(torch, n) for n in (
-        "sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "sym_sum")
-       if hasattr(torch, n)},
-}
-_BUILTIN_NAMES = {id(fn): name for name, fn in BUILTIN_TARGETS.items()}
-
-_DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
-_LAYOUTS = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.layout)}
-_MEMORY_FORMATS = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.memory_format)}
-_OP_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)::([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
 _NODE_OPS = ("placeholder", "get_attr", "call_function", "output")
 
 
@@ -76,13 +57,9 @@ def graph_to_json(graph: Graph) -> dict:
         "input_specs": [_spec_to_json(s) for s in graph.input_specs],
         "nodes": [_node_to_json(graph, n, symbols) for n in graph.fx_graph.nodes],
         "symbols": symbols,
-        "params": {target: _param_to_json(graph, target, t) for target, t in graph.params().items()},
+        "params": {target: param_to_json(graph, target, t) for target, t in graph.params().items()},
         "codegen": _codegen_to_json(graph.fx_graph),
     }
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _spec_to_json(spec: InputSpec) -> dict:
@@ -93,7 +70,7 @@ def _node_to_json(graph: Graph, node: fx.Node, symbols: Dict[str, int]) -> dict:
     if node.op not in _NODE_OPS:
         raise ArtifactError(f"graph_to_json: {describe_node(node)}: {node.op} nodes cannot be saved; "
                             "inline the submodule (capture the model again) before saving")
-    entry = {"name": node.name, "op": node.op, "target": _target_to_json(node)}
+    entry = {"name": node.name, "op": node.op, "target": target_to_json(node)}
     if node.op in ("call_function", "output"):
         entry["args"] = [_value_to_json(node, a) for a in node.args]
         entry["kwargs"] = {k: _value_to_json(node, v) for k, v in node.kwargs.items()}
@@ -105,47 +82,6 @@ def _node_to_json(graph: Graph, node: fx.Node, symbols: Dict[str, int]) -> dict:
     if qparams is not None and torch.as_tensor(qparams.scale).numel() == 1:
         entry["qparams"] = _qparams_to_json(node, qparams)
     return entry
-
-
-def _target_to_json(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, str):
-        return target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target._schema.name}.{target._overloadname}"
-    if id(target) in _BUILTIN_NAMES:
-        return _BUILTIN_NAMES[id(target)]
-    raise ArtifactError(
-        f"graph_to_json: {describe_node(node)}: target {target!r} cannot be saved; an artifact holds torch ops "
-        f"(torch.ops.ns.op.overload) and these Python functions only: {', '.join(sorted(BUILTIN_TARGETS))}"
-    )
-
-
-def _value_to_json(node: fx.Node, value) -> Any:
-    if isinstance(value, fx.Node):
-        return {"node": value.name}
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"float": str(value)}
-    if isinstance(value, tuple):
-        return {"tuple": [_value_to_json(node, v) for v in value]}
-    if isinstance(value, list):
-        return [_value_to_json(node, v) for v in value]
-    if isinstance(value, slice):
-        return {"slice": [_value_to_json(node, v) for v in (value.start, value.stop, value.step)]}
-    if value is Ellipsis:
-        return {"ellipsis": True}
-    for key, kind in (("dtype", torch.dtype), ("layout", torch.layout), ("memory_format", torch.memory_format)):
-        if isinstance(value, kind):
-            return {key: str(value).removeprefix("torch.")}
-    if isinstance(value, torch.device):
-        return {"device": str(value)}
-    raise ArtifactError(
-        f"graph_to_json: {describe_node(node)}: an argument of type {type(value).__name__} cannot be saved; "
-        "artifacts hold nodes, None, bool, int, float, str, lists, tuples, slices, dtypes, devices, layouts "
-        "and memory formats (store tensors as weights with graph.add_param)"
-    )
 
 
 def _placeholder_val_to_json(node: fx.Node, symbols: Dict[str, int]) -> dict:
@@ -176,24 +112,6 @@ def _qparams_to_json(node: fx.Node, q: M.QParams) -> dict:
             "axis": q.axis, "group_size": q.group_size}
 
 
-def _param_to_json(graph: Graph, target: str, tensor) -> dict:
-    if not isinstance(tensor, torch.Tensor):
-        raise ArtifactError(f"graph_to_json: get_attr `{target}` is a {type(tensor).__name__}, not a tensor; "
-                            "graphs with submodules (e.g. torch.cond branches) cannot be saved")
-    return {"kind": _param_kind(graph.module, target), "dtype": dtype_name(tensor.dtype),
-            "shape": list(tensor.shape), "stride": list(tensor.stride()), "requires_grad": bool(tensor.requires_grad)}
-
-
-def _param_kind(module: torch.nn.Module, target: str) -> str:
-    *path, attr = target.split(".")
-    owner = M._fetch_attr(module, ".".join(path)) if path else module
-    if attr in owner._parameters:
-        return "parameter"
-    if attr in owner._buffers:
-        return "buffer"
-    return "constant"
-
-
 def _codegen_to_json(fx_graph: fx.Graph) -> Optional[dict]:
     codegen = fx_graph._codegen
     if not isinstance(codegen, _PyTreeCodeGen):
@@ -217,12 +135,12 @@ def graph_from_json(data: dict, params: Dict[str, torch.Tensor]) -> Graph:
 def _build_graph(data: dict, params: Dict[str, torch.Tensor]) -> Graph:
     fx_graph = fx.Graph()
     fx_graph._codegen = _codegen_from_json(data.get("codegen"))
-    _check_weights_described(data)
+    check_weights_described(data)
     nodes: Dict[str, fx.Node] = {}
     for entry in data["nodes"]:
         nodes[entry["name"]] = _node_from_json(fx_graph, entry, nodes)
-    module = fx.GraphModule(_weights_module(data["params"], params), fx_graph)
-    specs = [InputSpec(s["name"], tuple(s["shape"]), _lookup(_DTYPES, s["dtype"], "dtype"))
+    module = fx.GraphModule(weights_module(data["params"], params), fx_graph)
+    specs = [InputSpec(s["name"], tuple(s["shape"]), lookup(DTYPES, s["dtype"], "dtype"))
              for s in data["input_specs"]]
     graph = Graph(module, specs)
     _set_placeholder_vals(graph, data["nodes"], data.get("symbols", {}))
@@ -236,14 +154,6 @@ def _check_format(data: dict) -> None:
     if version != FORMAT_VERSION:
         raise ArtifactError(f"graph.json: format_version {version!r}, this fxopt reads {FORMAT_VERSION}; "
                             "save the artifact again with this fxopt version")
-
-
-def _check_weights_described(data: dict) -> None:
-    read = {e["target"] for e in data["nodes"] if e["op"] == "get_attr"}
-    missing = sorted(read - set(data["params"]))
-    if missing:
-        raise ArtifactError(f"graph.json: get_attr nodes read {', '.join(missing)}, which `params` does not "
-                            "describe; the file is corrupted, save the artifact again")
 
 
 def _codegen_from_json(entry: Optional[dict]) -> fx.graph.CodeGen:
@@ -290,126 +200,6 @@ def _node_from_json(fx_graph: fx.Graph, entry: dict, nodes: Dict[str, fx.Node]) 
     return node
 
 
-def resolve_target(qualified: str, node_name: str = "?"):
-    """The callable a qualified target name stands for: a registered torch op or an allowed builtin."""
-    if qualified in BUILTIN_TARGETS:
-        return BUILTIN_TARGETS[qualified]
-    match = _OP_NAME.match(qualified)
-    op = _registered_op(*match.groups()) if match else None
-    if op is None:
-        raise ArtifactError(
-            f"graph.json: node %{node_name}: unknown op {qualified!r}; an artifact may call registered torch ops "
-            "and a fixed set of Python builtins only: import the library that registers the op, or re-save the "
-            "artifact with this fxopt and torch"
-        )
-    return op
-
-
-def _registered_op(namespace: str, name: str, overload: str):
-    _register_op_libraries()
-    space = getattr(torch.ops, namespace, None)
-    if not isinstance(space, torch._ops._OpNamespace):
-        return None
-    try:
-        op = getattr(getattr(space, name), overload)
-    except (AttributeError, RuntimeError):
-        return None
-    return op if isinstance(op, torch._ops.OpOverload) else None
-
-
-def _register_op_libraries() -> None:
-    """Import the (fixed) modules that register the op namespaces fxopt graphs use."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (quantized_decomposed)
-
-    import fxopt.ir.ops  # noqa: F401  (fxopt)
-
-
-def _value_from_json(value, node_name: str, nodes: Dict[str, fx.Node]):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        return [_value_from_json(v, node_name, nodes) for v in value]
-    if not (isinstance(value, dict) and len(value) == 1):
-        raise ArtifactError(f"graph.json: node %{node_name}: malformed argument {value!r}; the file is corrupted")
-    (key, body), = value.items()
-    if key == "node":
-        if body not in nodes:
-            raise ArtifactError(f"graph.json: node %{node_name}: refers to %{body}, which is not defined before it; "
-                                "the file is corrupted")
-        return nodes[body]
-    if key == "tuple":
-        return tuple(_value_from_json(v, node_name, nodes) for v in body)
-    if key == "slice":
-        return slice(*(_value_from_json(v, node_name, nodes) for v in body))
-    if key == "float":
-        return float(_lookup({"inf": "inf", "-inf": "-inf", "nan": "nan"}, body, "non-finite float"))
-    if key == "ellipsis":
-        return Ellipsis
-    if key == "device":
-        return _device_from_json(body, node_name)
-    tables = {"dtype": _DTYPES, "layout": _LAYOUTS, "memory_format": _MEMORY_FORMATS}
-    if key in tables:
-        return _lookup(tables[key], body, key)
-    raise ArtifactError(f"graph.json: node %{node_name}: unknown argument kind {key!r}; the file is corrupted "
-                        "or from another fxopt version")
-
-
-def _device_from_json(text: str, node_name: str) -> torch.device:
-    try:
-        return torch.device(text)
-    except (RuntimeError, TypeError) as exc:
-        raise ArtifactError(f"graph.json: node %{node_name}: bad device {text!r}: {exc}") from exc
-
-
-def _lookup(table: dict, name, what: str):
-    if not isinstance(name, str) or name not in table:
-        raise ArtifactError(f"graph.json: unknown {what} {name!r}; valid: {', '.join(sorted(table))}")
-    return table[name]
-
-
-def _weights_module(described: Dict[str, dict], params: Dict[str, torch.Tensor]) -> torch.nn.Module:
-    root = torch.nn.Module()
-    for target, spec in described.items():
-        tensor = params.get(target)
-        _check_weight(target, spec, tensor)
-        *path, attr = target.split(".")
-        owner = root
-        for part in path:
-            if not hasattr(owner, part):
-                owner.add_module(part, torch.nn.Module())
-            owner = getattr(owner, part)
-        _install(owner, attr, tensor, spec)
-    return root
-
-
-def _check_weight(target: str, spec: dict, tensor: Optional[torch.Tensor]) -> None:
-    if tensor is None:
-        raise ArtifactError(f"weights: no tensor for `{target}`, which graph.json reads; the weights file does not "
-                            "belong to this graph, save the artifact again")
-    if dtype_name(tensor.dtype) != spec["dtype"] or list(tensor.shape) != list(spec["shape"]):
-        raise ArtifactError(
-            f"weights: `{target}` is {dtype_name(tensor.dtype)}{list(tensor.shape)} but graph.json expects "
-            f"{spec['dtype']}{spec['shape']}; the weights file does not belong to this graph, save the artifact again"
-        )
-
-
-def _install(owner: torch.nn.Module, attr: str, tensor: torch.Tensor, spec: dict) -> None:
-    # get_attr of a plain tensor attribute: GraphModule turns it into a buffer, as capture's unlifting does
-    tensor = _with_stride(tensor, spec.get("stride"))
-    if spec["kind"] == "parameter":
-        owner.register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=spec["requires_grad"]))
-    else:
-        owner.register_buffer(attr, tensor)
-
-
-def _with_stride(tensor: torch.Tensor, stride: Optional[List[int]]) -> torch.Tensor:
-    """The tensor laid out with the saved strides (e.g. a transposed weight): kernels pick their path, and so
-    their rounding, by layout. Broadcast (stride 0) weights stay contiguous."""
-    if stride is None or list(tensor.stride()) == list(stride) or 0 in stride:
-        return tensor
-    return torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype).copy_(tensor)
-
-
 def _set_placeholder_vals(graph: Graph, entries: List[dict], symbols: Dict[str, int]) -> None:
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -432,7 +222,7 @@ def _set_placeholder_vals(graph: Graph, entries: List[dict], symbols: Dict[str, 
     for node in graph.placeholders:
         val = vals[node.name]
         with mode:
-            fake = torch.empty([size(d) for d in val["shape"]], dtype=_lookup(_DTYPES, val["dtype"], "dtype"))
+            fake = torch.empty([size(d) for d in val["shape"]], dtype=lookup(DTYPES, val["dtype"], "dtype"))
         M.set_val(node, fake)
 
 
@@ -460,7 +250,7 @@ def _qparam_field(value, node_name: str):
     if isinstance(value, dict) and "tensor" in value:
         body = value["tensor"]
         values = [_value_from_json(v, node_name, {}) for v in body["values"]]
-        dtype = _lookup(_DTYPES, body["dtype"], "dtype")
+        dtype = lookup(DTYPES, body["dtype"], "dtype")
         return torch.tensor(values, dtype=torch.float64 if dtype.is_floating_point else None).to(dtype).reshape(
             body["shape"])
     return _value_from_json(value, node_name, {})

@@ -7,6 +7,9 @@ from typing import Optional
 from fxopt.errors import InputError
 from fxopt.passes.infra.batches import Batches
 
+#: How many of the first calibration batches go to the passes that read data themselves (GPTQ, whitened low-rank).
+PASS_CALIBRATION_BATCHES = 4
+
 
 def calibration_batches(example_inputs, calibration_data, warn_for: Optional[str] = None) -> Batches:
     """``calibration_data`` as :class:`Batches` (streamed per pass, never held; a generator is spilled to disk),

@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from fxopt.passes.lowrank import LowRank
-from fxopt.passes.quantize import calibrate
 from fxopt.search import Candidate
+from fxopt.targets.calibration import PASS_CALIBRATION_BATCHES
 
 #: Low-rank candidates of the search: the share of the factored linears' weights each keeps.
 LOW_RANK_RATIOS = (0.75, 0.5)
@@ -17,10 +17,10 @@ def float_candidates(target, context) -> Iterator[Candidate]:
     fused, spec = context.fused, context.pipeline
     target = target.float_target()
     yield candidate(target, "float", spec, fused, compressed=False)
-    calibrated = calibrate(fused, context.calibration, progress=context.progress)  # low-rank reads activations
+    sample = context.calibration.take(0, PASS_CALIBRATION_BATCHES)  # whitening reads their activations
     for ratio in LOW_RANK_RATIOS:
-        step = LowRank(ratio=ratio, activation_aware=True, statistic="covariance")
-        result = step(calibrated)
+        step = LowRank(ratio=ratio, activation_aware=True, statistic="covariance", calibration=sample)
+        result = step(fused)
         if result.modified:
             yield candidate(target, f"low-rank {ratio:g}", f"{spec},{step.spec()}", result.graph, compressed=True,
                             stats={"low_rank": result.stats})

@@ -9,8 +9,8 @@ from typing import Callable, Optional, Sequence, Tuple
 
 from fxopt.backends import x86_int8
 from fxopt.ir import Graph
-from fxopt.passes.infra.batches import Batches
-from fxopt.targets.calibration import calibration_batches
+from fxopt.passes.infra.batches import Batches, as_batches
+from fxopt.targets.calibration import PASS_CALIBRATION_BATCHES, calibration_batches
 from fxopt.passes.infra.memory import release_dropped_graphs
 from fxopt.passes.quantize import calibrate_smoothed, choose_float_layers
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
@@ -40,7 +40,7 @@ def quantize_with(graph: Graph, batches: Batches, progress: bool = True,
         float_share = NO_VNNI_FLOAT_ACTIVATION_SHARE if x86_weight_bits() < 8 else 0.0
     calibrated = calibrate_for_x86(graph, batches, progress)
     skip = most_sensitive_layers(calibrated, batches.take(0, 1), float_share, progress) if float_share else ()
-    quantized, spec = insert_qdq_for_x86(calibrated, skip)
+    quantized, spec = insert_qdq_for_x86(calibrated, skip, calibration=batches)
     smoothed_bytes = calibrated.size_bytes_not_in(graph)
     del calibrated
     release_dropped_graphs(smoothed_bytes)  # the smoothed float weights, as large as the linears, go with it
@@ -72,9 +72,9 @@ def float_layers_for(calibrated: Graph, batches, tolerance: float, metric: Optio
                                **options)
 
 
-def insert_qdq_for_x86(calibrated: Graph, skip: Sequence[str] = ()) -> Tuple[Graph, str]:
-    """Static int8 Q/DQ (embeddings too; 7-bit weights GPTQ-rounded); the ``skip``ped linears keep float
-    activations with int8 weights.
+def insert_qdq_for_x86(calibrated: Graph, skip: Sequence[str] = (), calibration=None) -> Tuple[Graph, str]:
+    """Static int8 Q/DQ (embeddings too; 7-bit weights GPTQ-rounded on ``calibration``'s first batches); the
+    ``skip``ped linears keep float activations with int8 weights.
 
     Weight-only int8 for the float-activation layers keeps the artifact as small as all-int8 (the x86
     backend dequantizes those weights once, at load); on MiniLM it loses far less than their
@@ -83,8 +83,9 @@ def insert_qdq_for_x86(calibrated: Graph, skip: Sequence[str] = ()) -> Tuple[Gra
     bits = x86_weight_bits()
     # GPTQ rounding for 7-bit weights: MiniLM on AVX2 0.9975/0.938 -> 0.9983/0.961 (cosine/NN). For 8-bit
     # weights it raised the cosine (0.9980 -> 0.9985) but not NN agreement, so round-to-nearest stays there.
+    sample = None if calibration is None else as_batches(calibration).take(0, PASS_CALIBRATION_BATCHES)
     insert = InsertQDQ(scheme="static", activation_matmuls=False, embeddings=True, skip=tuple(skip),
-                       bits=bits, method="gptq" if bits < 8 else "rtn")
+                       bits=bits, method="gptq" if bits < 8 else "rtn", calibration=sample)
     steps = [insert] + ([InsertQDQ(scheme="weight-only", activation_matmuls=False)] if skip else [])
     graph = calibrated
     for step in steps:

@@ -566,7 +566,7 @@ def test_weight_only_layers_run_float_gemms_on_weights_dequantized_once():
     """The x86 default for sensitive linears: int8 weights on disk, float activations, no per-call dequantize."""
     ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(6))
     graph = fxopt.calibrate(fxopt.capture(EmbedMLP().eval(), (ids,)), [(ids,)], progress=False)
-    quantized, spec = fxopt.targets.x86_quantize.insert_qdq_for_x86(graph, skip=("linear_1",))
+    quantized, spec = fxopt.targets.x86_quantize.insert_qdq_for_x86(graph, skip=("linear_1",), calibration=[(ids,)])
     assert "scheme=weight-only" in spec
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing falls back: the weight-only linear is float by design

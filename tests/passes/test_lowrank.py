@@ -17,8 +17,8 @@ aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def low_rank(graph, options: str):
-    return fxopt.Pipeline(f"low-rank{{{options}}}", debug=True)(graph)
+def low_rank(graph, options: str, calibration=None):
+    return fxopt.Pipeline(f"low-rank{{{options}}}", debug=True, calibration=calibration)(graph)
 
 
 def factorable_modules(model: nn.Module) -> int:
@@ -54,10 +54,9 @@ def test_full_rank_factors_reproduce_every_model(case, statistic):
     graph = fxopt.capture(case.model, case.inputs)
     expected = factorable_modules(case.model)
     options = "rank=4096,force=true"
-    if statistic is not None and expected > 0:  # calibrate refuses a graph without linears or convs
-        graph = fxopt.calibrate(graph, [case.inputs], progress=False)
+    if statistic is not None and expected > 0:
         options += f",activation-aware=true,statistic={statistic}"
-    result = low_rank(graph, options)
+    result = low_rank(graph, options, calibration=[case.inputs])
     stats = result.stats["0:low-rank"]
     assert stats["factored"] == len(stats["ranks"]) == expected
     extra_ops = count(result.graph, aten.linear.default) + count(result.graph, aten.convolution.default) - (
@@ -201,11 +200,10 @@ def test_activation_aware_beats_plain_svd_at_equal_rank_on_skewed_inputs():
     scales = torch.logspace(-1.3, 1.3, 64)[torch.randperm(64)]
     calibration, held_out = torch.randn(256, 64) * scales, torch.randn(256, 64) * scales
     graph = fxopt.capture(nn.Linear(64, 64), (calibration,))
-    calibrated = fxopt.calibrate(graph, [(calibration,)], progress=False)
     for rank in (4, 16):
-        plain = relative_error(graph(held_out), low_rank(calibrated, f"rank={rank}").graph(held_out))
-        aware = relative_error(graph(held_out), low_rank(calibrated, f"rank={rank},activation-aware=true").graph(
-            held_out))
+        plain = relative_error(graph(held_out), low_rank(graph, f"rank={rank}").graph(held_out))
+        aware = relative_error(graph(held_out), low_rank(graph, f"rank={rank},activation-aware=true",
+                                                         [(calibration,)]).graph(held_out))
         assert aware < 0.8 * plain, (rank, plain, aware)
 
 
@@ -215,9 +213,8 @@ def test_covariance_whitening_beats_channel_scales_on_correlated_inputs():
     basis = torch.randn(8, 64)
     calibration, held_out = (torch.randn(512, 8) @ basis + 0.01 * torch.randn(512, 64) for _ in range(2))
     graph = fxopt.capture(nn.Linear(64, 64), (calibration,))
-    calibrated = fxopt.calibrate(graph, [(calibration,)], progress=False)
     errors = {statistic: relative_error(graph(held_out), low_rank(
-        calibrated, f"rank=8,activation-aware=true,statistic={statistic}").graph(held_out))
+        graph, f"rank=8,activation-aware=true,statistic={statistic}", [(calibration,)]).graph(held_out))
         for statistic in ("rms", "covariance")}
     assert errors["covariance"] < 0.1 * errors["rms"], errors
 
@@ -225,7 +222,8 @@ def test_covariance_whitening_beats_channel_scales_on_correlated_inputs():
 def test_activation_aware_without_calibration_data_says_how_to_get_it():
     graph = fxopt.capture(nn.Linear(8, 16), (torch.randn(2, 8),))
     message = (r"low-rank: node %linear \(aten.linear.default\): activation-aware=true needs calibration data and "
-               r"the graph carries none; call fxopt.calibrate\(graph, data\) first")
+               r"none was given; pass it as LowRank\(\.\.\., calibration=batches\) or Pipeline\(spec, "
+               r"calibration=batches\)")
     with pytest.raises(fxopt.PassError, match=message):
         low_rank(graph, "rank=2,activation-aware=true")
 

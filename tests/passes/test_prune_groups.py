@@ -16,8 +16,8 @@ from fxopt.errors import PassError
 from tests.harness import AttentionBlock, ResidualBlock, Sequence_, assert_equivalent
 
 
-def prune(graph, spec: str):
-    result = fxopt.Pipeline(spec, debug=True)(graph)
+def prune(graph, spec: str, calibration=None):
+    result = fxopt.Pipeline(spec, debug=True, calibration=calibration)(graph)
     return result.graph, next(iter(result.stats.values()))
 
 
@@ -278,9 +278,7 @@ def ffn_with_a_dead_neuron():
 @pytest.mark.parametrize("criterion, dropped", [("l1", 1), ("l2", 1), ("taylor", 0), ("head", 0)])
 def test_criteria_drop_the_least_important_neuron(criterion, dropped):
     model, x, graph = ffn_with_a_dead_neuron()
-    if criterion in ("taylor", "head"):
-        graph = fxopt.calibrate(graph, [(x,)], progress=False)
-    pruned, stats = prune(graph, f"prune-ffn{{ratio=0.25,criterion={criterion}}}")
+    pruned, stats = prune(graph, f"prune-ffn{{ratio=0.25,criterion={criterion}}}", calibration=[(x,)])
     assert stats["kept"]["ffn:up"] == [i for i in range(4) if i != dropped]
     if dropped == 0:  # the dead neuron never reached the output: pruning it changes nothing
         assert_equivalent(graph, pruned, (x,))
@@ -327,7 +325,7 @@ def test_errors_name_the_node_and_say_what_to_do(attention_graph):
         prune(graph, "prune-channels{ratios=hidden:.*:0.5}")
     with pytest.raises(PassError, match=r"ratios pattern 'nothing' matches no group; group names: heads:blocks.0.q"):
         prune(graph, "prune-channels{ratios=nothing:0.5}")
-    with pytest.raises(PassError, match=r"criterion=taylor needs calibration data.*call fxopt.calibrate"):
+    with pytest.raises(PassError, match=r"criterion=taylor needs calibration data.*calibration=batches"):
         prune(graph, "prune-channels{ratio=0.5,criterion=taylor}")
     for spec, message in (("ratio=1.5", r"ratio=1.5 is outside \[0, 1\]"), ("criterion=l3", "unknown criterion"),
                           ("kinds=layers", "unknown group kinds"), ("ratios=heads", "is not pattern:ratio")):

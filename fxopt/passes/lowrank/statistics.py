@@ -1,10 +1,8 @@
 """Per-input-channel activation scales for activation-aware low-rank (ASVD), from calibration data.
 
-The data are the batches that ``fxopt.calibrate`` keeps on the graph
-(``calibration_sample``), the same ones GPTQ and mixed precision read:
+The data are the calibration batches handed to the pass, as GPTQ and mixed precision take theirs:
 
-    calibrated = fxopt.calibrate(graph, data)
-    fxopt.Pipeline("low-rank{rank=64,activation-aware=true}")(calibrated)
+    fxopt.Pipeline("low-rank{rank=64,activation-aware=true}", calibration=batches)(graph)
 
 Each factored op's input is observed over the channel axis its handler names
 (last dim for linears, dim 1 for convolutions):
@@ -20,7 +18,7 @@ Channels that never fired get a floor of 1e-3 of the largest scale, so that
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -65,7 +63,7 @@ class ChannelMomentObserver:
         return _with_floor(scale.pow(alpha))
 
 
-def activation_scales(graph: Graph, ops: Sequence[Tuple[fx.Node, int]], batches: Sequence[Tuple],
+def activation_scales(graph: Graph, ops: Sequence[Tuple[fx.Node, int]], batches: Iterable[Tuple],
                       statistic: str = "rms", alpha: float = 1.0) -> Dict[str, torch.Tensor]:
     """Weight target -> ``s`` ``[in]`` or ``L`` ``[in, in]``, from the inputs of ``ops`` ((node, channel axis)
     pairs) on ``batches``.

@@ -1,7 +1,7 @@
 """prune-channels (and prune-heads, prune-ffn): structured pruning that physically shrinks the weights.
 
     fxopt.Pipeline("prune-channels{ratio=0.25}")            heads, FFN neurons and conv channels
-    fxopt.Pipeline("prune-heads{ratio=0.25,criterion=head}") attention heads only (needs fxopt.calibrate)
+    fxopt.Pipeline("prune-heads{ratio=0.25,criterion=head}", calibration=batches)   attention heads only
     fxopt.Pipeline("prune-ffn{ratio=0.5}")                   FFN neurons only
 
 The dependency analysis (``groups.py``) finds the groups of coupled dims; each selected group
@@ -16,7 +16,8 @@ Options:
 - ``kinds``: which kinds of groups to prune (``heads``, ``query-heads``, ``ffn``, ``channels``, ``hidden``,
   ``head-dim``); with GQA, ``heads`` removes key/value heads with the query heads that read them;
 - ``skip``: group-name patterns to leave alone;
-- ``criterion``: ``l1``, ``l2`` (default), ``taylor`` or ``head`` (the last two need calibration data);
+- ``criterion``: ``l1``, ``l2`` (default), ``taylor`` or ``head`` (the last two read the calibration data handed
+  to the pass: ``PruneChannels(..., calibration=batches)`` or ``Pipeline(spec, calibration=batches)``);
 - ``scope``: ``group`` (default: every group loses ``ratio`` of its units) or ``global`` (each kind loses ``ratio``
   of all its units, the least important across groups, scores L2-normalized per group as Michel et al. do for
   heads; every group keeps at least one unit). Groups named in ``ratios`` always use their own ratio.
@@ -31,17 +32,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from fxopt.ir.graph import Graph
-from fxopt.passes.infra.base import Pass, PassResult
+from fxopt.passes.infra.base import Pass, PassResult, calibration_field
+from fxopt.passes.infra.batches import Batches
 from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.prune.apply import shrink
 from fxopt.passes.prune.groups import KINDS, Group, find_groups
 from fxopt.passes.prune.importance import CRITERIA, keep_most_important, unit_scores
-from fxopt.passes.quantize.calibrate import calibration_sample
 
 SCOPES = ("group", "global")
 
@@ -58,8 +59,12 @@ class PruneChannels(Pass):
     skip: Tuple[str, ...] = ()
     criterion: str = "l2"
     scope: str = "group"
+    #: Input batches the gradients of criterion=taylor or head are taken on; not an option (see
+    #: fxopt.passes.infra.base).
+    calibration: Optional[Batches] = calibration_field()
 
     def __post_init__(self):
+        super().__post_init__()
         self._check_ratio("ratio", self.ratio)
         self.check_choices("scope", (self.scope,), SCOPES, "scope")
         self.check_choices("kinds", self.kinds, KINDS, "group kinds")
@@ -99,7 +104,7 @@ class PruneChannels(Pass):
         to_score = [g for g, ratio, _ in selected if ratio > 0]
         if not to_score:
             return PassResult(graph, False, stats)
-        scores = unit_scores(graph, to_score, self.criterion, self._batches(graph, to_score))
+        scores = unit_scores(graph, to_score, self.criterion, self._batches_to_score(graph, to_score))
         removals = self._removals(graph, selected, scores)
         if not removals:
             return PassResult(graph, False, stats)
@@ -180,15 +185,12 @@ class PruneChannels(Pass):
                                  node, "add a handler in fxopt/passes/prune/handlers.py, or leave the group out "
                                        "with skip=")
 
-    def _batches(self, graph: Graph, to_score: List[Group]) -> Tuple[tuple, ...]:
+    def _batches_to_score(self, graph: Graph, to_score: List[Group]) -> Iterable[tuple]:
+        """The calibration batches (criterion=taylor or head), or none (l1, l2: weights alone)."""
         if self.criterion in ("l1", "l2"):
             return ()
-        batches = calibration_sample(graph)
-        if not batches:
-            raise self.error(f"criterion={self.criterion} needs calibration data and the graph carries none",
-                             _producer(graph, to_score[0]), "call fxopt.calibrate(graph, data) first, or use "
-                                                           "criterion=l2")
-        return batches
+        return self.require_calibration(f"criterion={self.criterion}", _producer(graph, to_score[0]),
+                                        instead="use criterion=l2")
 
 
 def _producer(graph: Graph, group: Group) -> Optional[torch.fx.Node]:

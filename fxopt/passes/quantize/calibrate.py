@@ -9,13 +9,14 @@ targets (linear, matmul, mm/bmm/addmm, convolutions and their fused
 node's metadata (``fxopt.ir.qparams(node)``). Inputs of linear ops also get
 their per-input-channel (last dim) abs-max under ``CHANNEL_ABSMAX_KEY``, the
 statistics ``smooth-quant`` needs. Batches are streamed: each one is run,
-observed and dropped, except the first ``sample_batches``, which are kept on the
-graph (``calibration_sample(graph)``) for the ``mixed-precision`` pass.
+observed and dropped. None is kept: passes that read calibration data themselves
+(GPTQ, activation-aware low-rank, mixed precision, Taylor pruning) are handed it
+explicitly (``calibration=``, see ``fxopt.passes.infra.base``).
 """
 from __future__ import annotations
 
 import operator
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -31,8 +32,6 @@ from fxopt.passes.quantize.observers import MinMaxObserver, Observer, make_obser
 aten = torch.ops.aten
 #: node.meta key of the per-input-channel abs-max (a 1-D tensor over the last dim) of a linear's input.
 CHANNEL_ABSMAX_KEY = "fxopt_channel_absmax"
-#: First-placeholder meta key of the calibration batches kept for later passes (mixed-precision).
-CALIBRATION_SAMPLE_KEY = "fxopt_calibration_sample"
 
 
 def quantizable_ops() -> Dict[object, Dict[str, Sequence[int]]]:
@@ -106,13 +105,13 @@ def _check_calibration_batch(graph: Graph, inputs: tuple, index: int) -> None:
 
 def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: str = "minmax",
               qdtype: str = "int8", scheme: str = "asymmetric", progress: bool = True,
-              max_batches: Optional[int] = None, sample_batches: int = 4, **observer_options) -> Graph:
+              max_batches: Optional[int] = None, **observer_options) -> Graph:
     """A copy of ``graph`` whose observed activations carry per-tensor QParams.
 
     ``data`` is an iterable of input tuples (a single tensor counts as a 1-tuple).
     ``observer`` names one of ``fxopt.passes.quantize.observers.OBSERVERS``;
     ``observer_options`` go to its constructor (e.g. ``percentile=99.9``).
-    The first ``sample_batches`` input tuples stay on the graph (see ``calibration_sample``).
+    No batch stays referenced by the returned graph.
     """
     targets = [a for n in graph.call_nodes() for a in activation_inputs(n)]
     if not targets:
@@ -125,15 +124,13 @@ def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: st
     watched = {name: [observers[name]] + ([channel_observers[name]] if name in channel_observers else [])
                for name in observers}
     interpreter = _ObservingInterpreter(graph.module, watched)
-    batches, sample = 0, []
+    batches = 0
     with torch.no_grad():
         for index, batch in enumerate(_progress(data, progress, max_batches)):
             inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
             _check_calibration_batch(graph, inputs, index)
             interpreter.run(*inputs)
             return_freed_memory()  # the observers' temporaries would otherwise stay resident (fxopt.passes.infra.memory)
-            if len(sample) < sample_batches:
-                sample.append(inputs)
             batches += 1
             if max_batches is not None and batches >= max_batches:
                 break
@@ -146,14 +143,7 @@ def calibrate(graph: Graph, data: Iterable[Sequence[torch.Tensor]], observer: st
         if node.name in channel_observers:
             obs = channel_observers[node.name]
             node.meta[CHANNEL_ABSMAX_KEY] = torch.maximum(obs.lo.abs(), obs.hi.abs())
-    if calibrated.placeholders:
-        calibrated.placeholders[0].meta[CALIBRATION_SAMPLE_KEY] = tuple(sample)
     return calibrated
-
-
-def calibration_sample(graph: Graph) -> Tuple[Tuple[torch.Tensor, ...], ...]:
-    """The calibration batches ``calibrate`` kept on ``graph`` (empty when it was not calibrated)."""
-    return graph.placeholders[0].meta.get(CALIBRATION_SAMPLE_KEY, ()) if graph.placeholders else ()
 
 
 def _progress(data, enabled: bool, total: Optional[int]):

@@ -86,9 +86,11 @@ class LazyHessians:
     what the caller rewrites afterwards does not change what is observed.
     """
 
-    def __init__(self, graph: Graph, linears: Sequence[fx.Node], batches: Sequence[Tuple],
+    def __init__(self, graph: Graph, linears: Sequence[fx.Node], batches: Iterable[Tuple],
                  budget: int = HESSIAN_BUDGET_BYTES):
-        self.graph, self.batches, self.current = graph.copy(), list(batches), {}
+        """``batches`` must be re-iterable (a list, :class:`fxopt.passes.infra.batches.Batches`): each chunk
+        streams them again, and none is held here."""
+        self.graph, self.batches, self.current = graph.copy(), batches, {}
         self.chunks = _chunks_by_weight([(n.name, n.args[1].target, n.args[0].meta) for n in linears], budget)
 
     def get(self, target: str):

@@ -18,8 +18,9 @@ Schemes:
   dequantized by ``fxopt.dequantize_int4_grouped``. Other weighted ops (convs,
   ``mm`` with a ``[in, out]`` weight) and activation matmuls stay in float
   (counted in ``skipped``). ``method=gptq`` chooses the int4 codes with GPTQ
-  on the calibration sample ``fxopt.calibrate`` keeps on the graph; with
-  ``bits=8`` or ``bits=7`` it rounds linear weights' per-channel codes with GPTQ.
+  on the calibration data handed to the pass (``InsertQDQ(..., calibration=
+  batches)`` or ``Pipeline(spec, calibration=batches)``); with ``bits=8`` or
+  ``bits=7`` it rounds linear weights' per-channel codes with GPTQ.
 
 ``activation-matmuls=false`` leaves matmuls between two activations (attention
 scores and context) in floating point. ``skip=linear_5;matmul_1`` leaves the
@@ -44,11 +45,12 @@ import torch.fx as fx
 from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
 from fxopt.ir.ops import fxopt_ops
-from fxopt.passes.infra.base import Pass, PassResult
+from fxopt.passes.infra.base import Pass, PassResult, calibration_field
+from fxopt.passes.infra.batches import Batches
 from fxopt.passes.infra.driver import Rewriter
 from fxopt.passes.infra.registry import register_pass
 from fxopt.passes.quantize.calibrate import (
-    activation_inputs, calibration_sample, is_weight, linear_targets, quantizable_ops,
+    activation_inputs, is_weight, linear_targets, quantizable_ops,
 )
 from fxopt.passes.quantize.gptq import LazyHessians, gptq_int4_grouped, gptq_per_channel
 from fxopt.passes.quantize.int4 import GROUP_SIZES, quantize_int4_grouped
@@ -62,7 +64,7 @@ INT8 = QDTYPES["int8"]
 BITS = (8, 7, 4)
 #: The weight code range of each bit width (int7: [-64, 63] in int8, symmetric so codes stay within ±63).
 WEIGHT_QDTYPES = {8: "int8", 7: "int7"}
-#: How int4 codes are chosen: round to nearest, or GPTQ on the calibration sample.
+#: How weight codes are chosen: round to nearest, or GPTQ on the calibration data.
 METHODS = ("rtn", "gptq")
 #: Weight elements quantized at once by :func:`quantize_weight_per_channel` (16 MB of float32 temporaries).
 QUANTIZE_CHUNK_ELEMENTS = 4 * 2**20
@@ -113,13 +115,16 @@ class InsertQDQ(Pass):
     #: False: int4 groups get a zero point too (the range [min, max] rather than [-amax, amax]).
     symmetric: bool = True
     #: "rtn" rounds each weight to the nearest code; "gptq" spreads rounding errors using the
-    #: calibration sample that ``fxopt.calibrate`` keeps on the graph (see fxopt.passes.quantize.gptq).
+    #: ``calibration`` data (see fxopt.passes.quantize.gptq).
     method: str = "rtn"
     #: Also store embedding tables as int8, one scale per row (the x86-int8 backend gathers and scales
     #: only the rows it looks up; eager dequantizes the whole table on every call).
     embeddings: bool = False
+    #: Input batches GPTQ computes its Hessians on (method=gptq); not an option (see fxopt.passes.infra.base).
+    calibration: Optional[Batches] = calibration_field()
 
     def __post_init__(self):
+        super().__post_init__()
         if self.scheme not in SCHEMES:
             raise self.error(f"unknown scheme {self.scheme!r}", hint=f"valid schemes: {', '.join(SCHEMES)}")
         self._check_bits()
@@ -231,13 +236,10 @@ class InsertQDQ(Pass):
                     f"leave the node in float with skip={node.name}, or use bits=8")
 
     def _gptq_hessians(self, graph: Graph, ops):
-        """method=gptq: weight target -> Hessian of its inputs on the calibration sample (``.get``); else empty."""
+        """method=gptq: weight target -> Hessian of its inputs on the calibration data (``.get``); else empty."""
         if self.method != "gptq":
             return {}
-        batches = calibration_sample(graph)
-        if not batches:
-            raise self.error("method=gptq needs calibration data and the graph carries none",
-                             hint="call fxopt.calibrate(graph, data) first, or use method=rtn")
+        batches = self.require_calibration("method=gptq", instead="use method=rtn")
         linears = [n for n in ops if self._can_quantize(n) and n.target in linear_targets()
                    and self._weight_arg(n) is not None]
         return LazyHessians(graph, linears, batches)

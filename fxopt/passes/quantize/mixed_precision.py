@@ -10,9 +10,9 @@ a time, until the error with everything else quantized is within ``tolerance``:
     print(plan.format())                                    # the per-layer table
     quantized = fxopt.Pipeline(plan.spec())(calibrated).graph   # insert-qdq{scheme=static,skip=...}
 
-or, as one pass on the batches that calibrate kept (``calibration_sample``):
+or, as one pass, handed the batches to measure on:
 
-    quantized = fxopt.Pipeline("mixed-precision{tolerance=0.02}")(calibrated).graph
+    quantized = fxopt.Pipeline("mixed-precision{tolerance=0.02}", calibration=data)(calibrated).graph
 
 The error is ``metric(reference_outputs, outputs)``; the default is the relative
 error ``||y - ŷ|| / ||y||`` over every floating-point output of every batch.
@@ -41,9 +41,9 @@ from fxopt.passes.infra.batches import Batches, as_batches
 from fxopt.ir.graph import Graph
 from fxopt.passes.infra.progress import progress_bar
 from fxopt.passes.infra.memory import release_dropped_graphs
-from fxopt.passes.infra.base import Pass, PassResult
+from fxopt.passes.infra.base import Pass, PassResult, calibration_field
 from fxopt.passes.infra.registry import register_pass
-from fxopt.passes.quantize.calibrate import calibration_sample, quantizable_ops
+from fxopt.passes.quantize.calibrate import quantizable_ops
 from fxopt.passes.quantize.insert_qdq import SCHEMES, InsertQDQ
 
 Outputs = List[List[torch.Tensor]]  # per batch, the floating-point output tensors
@@ -198,29 +198,27 @@ def _batches(data) -> Batches:
     return batches
 
 
-
-
 @register_pass
 @dataclass(frozen=True)
 class MixedPrecision(Pass):
     name = "mixed-precision"
     summary = "quantize (insert-qdq), keeping the ops most sensitive to it in floating point until a tolerance is met"
     lossy = True
-    #: The output error allowed, relative to the unquantized graph, on the calibration sample.
+    #: The output error allowed, relative to the unquantized graph, on the ``calibration`` data.
     tolerance: float = 0.01
     scheme: str = "static"
     activation_matmuls: bool = True
+    #: Input batches the errors are measured on (each candidate runs them all: give a few); not an option
+    #: (see fxopt.passes.infra.base).
+    calibration: Optional[Batches] = calibration_field()
 
     def __post_init__(self):
+        super().__post_init__()
         check_options(self.name, self.tolerance, self.scheme)
 
     def run(self, graph: Graph) -> PassResult:
-        sample = calibration_sample(graph)
-        if not sample:
-            raise self.error("the graph carries no calibration sample",
-                             hint="run fxopt.calibrate(graph, data) first (it keeps its first batches), or call "
-                                  "fxopt.passes.quantize.choose_float_layers(graph, data, tolerance) with your data")
-        plan = choose_float_layers(graph, sample, self.tolerance, self.scheme,
+        data = self.require_calibration("its sensitivity search")
+        plan = choose_float_layers(graph, data, self.tolerance, self.scheme,
                                    activation_matmuls=self.activation_matmuls, progress=False)
         result = InsertQDQ(scheme=self.scheme, activation_matmuls=self.activation_matmuls,
                            skip=plan.float_layers)(graph)
