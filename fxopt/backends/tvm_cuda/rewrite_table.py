@@ -107,8 +107,8 @@ class _Round:
     def rewriter(self, row: RelaxRewrite):
         def rewrite(expr, matched):
             place = self.facts.var_of(expr)
-            if self.failures or (self.ready is not None and place is not None and place not in self.ready):
-                return expr
+            if self.failures or place is None or (self.ready is not None and place not in self.ready):
+                return expr  # a call this round made (TVM offers its own output again) waits for the next round
             captures = {name: self.facts.as_var(matched[p]) if p in matched else None
                         for name, p in row.captures.items()}
             try:
