@@ -34,13 +34,6 @@ def op_name(expr) -> Optional[str]:
     return getattr(op, "name", None)
 
 
-def packed_name(call) -> Optional[str]:
-    """The function a ``call_dps_packed`` calls (``"fxopt.gelu"``), or None."""
-    if op_name(call) != "relax.call_dps_packed":
-        return None
-    return getattr(call.args[0], "global_symbol", None)
-
-
 def tvm_float(value: float):
     """A float64 PrimExpr: the extension's packed functions take a C double."""
     import tvm

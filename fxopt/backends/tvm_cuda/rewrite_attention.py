@@ -49,7 +49,7 @@ def attention_arguments(call) -> Optional[tuple]:
 
 
 def offload_attention(expr, facts, q, k, v, bias=None):
-    """``nn.attention[_bias](q, k, v[, bias])`` -> ``astype(fxopt.attention[_bias](q16, k16, v16[, bias], ..), f32)``."""
+    """``nn.attention[_bias](q, k, v[, bias])`` -> ``astype(fxopt.attention[_bias](q16, k16, v16[, bias]), f32)``."""
     from tvm import relax
 
     found = attention_arguments(expr)
