@@ -100,6 +100,35 @@ def _conv_act_fake(input, weight, bias, stride, padding, dilation, groups, activ
     return _conv(input, weight, bias, stride, padding, dilation, groups)
 
 
+# ============================================================ a recognised GELU
+# ``fused_gelu(x, approximate)`` is a GELU the fx passes recognised, however it
+# was written: ``aten.gelu`` or spelled out in elementwise ops (GPT-2's
+# ``gelu_new``, ``0.5*x*(1+erf(x/sqrt(2)))``). A backend lowers it as one op and
+# never has to recognise GELU again from constants (the CUDA backend hands it
+# to its GELU kernel). ``approximate`` is aten.gelu's: ``"none"`` (erf) or ``"tanh"``.
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+_LIBRARY.define("fused_gelu(Tensor input, str approximate) -> Tensor")
+
+
+def _check_approximate(approximate: str) -> None:
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"fxopt.fused_gelu: unknown approximate {approximate!r}; valid: "
+                         f"{', '.join(GELU_APPROXIMATIONS)}")
+
+
+@torch.library.impl(_LIBRARY, "fused_gelu", "CompositeExplicitAutograd")
+def _fused_gelu_kernel(input: torch.Tensor, approximate: str) -> torch.Tensor:
+    _check_approximate(approximate)
+    return torch.ops.aten.gelu(input, approximate=approximate)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fused_gelu", lib=_LIBRARY)
+def _fused_gelu_fake(input, approximate):
+    _check_approximate(approximate)
+    return torch.empty_like(input)
+
+
 # ============================================================ quantize / dequantize
 # Q/DQ use torch's own ``quantized_decomposed`` ops (registered by importing
 # ``torch.ao.quantization.fx._decomposed``): they have CPU and fake kernels,

@@ -33,6 +33,16 @@ def _linear_act(node, importer):
     return importer.block_builder.emit(_activation(activation)(y))
 
 
+def _fused_gelu(node, importer):
+    """fxopt.fused_gelu(input, approximate): a GELU the fx passes recognised, as Relax's op for its variant.
+
+    ``nn.gelu`` / ``nn.gelu_tanh`` name the variant, so the Relax rewrites
+    (:mod:`fxopt.backends.tvm_cuda.rewrite_norm_act`) find GELU by its op, never by its constants.
+    """
+    x, approximate = importer.env[node.args[0]], node.args[1]
+    return importer.block_builder.emit(_activation("gelu_tanh" if approximate == "tanh" else "gelu")(x))
+
+
 def _conv_act(node, importer):
     """fxopt.conv_act(input, weight, bias?, stride, padding, dilation, groups, activation) for 1-, 2- and 3-D convs."""
     from tvm import relax
@@ -274,6 +284,7 @@ def _dequantize_int4_grouped(node, importer):
 FXOPT_CONVERTERS: Dict[str, Callable] = {
     "linear_act.default": _linear_act,
     "conv_act.default": _conv_act,
+    "fused_gelu.default": _fused_gelu,
     "cumsum.default": _cumsum,
     "pow.Tensor_Scalar": _pow_tensor_scalar,
     "scaled_dot_product_attention.default": _sdpa,

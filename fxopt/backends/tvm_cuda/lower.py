@@ -35,18 +35,22 @@ folded (``folded_*``) stay bound in the library.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
-import torch
-from torch.utils import _pytree as pytree
-
-from fxopt.backends.tvm_cuda.runtime import PARAMS_FORMAT, params_json_path, tensor_crc32
+from fxopt.backends.tvm_cuda.library import TRANSFORM_PARAMS, CudaLibrary, ParamSpec
+from fxopt.backends.tvm_cuda.relax_import import (
+    KEPT_WHOLE, Converter, check_supported, decomposition_table, exported_program, first_line, import_graph,
+    kept_whole_for, require_tvm, to_relax,
+)
+from fxopt.backends.tvm_cuda.runtime import params_json_path, tensor_crc32
 from fxopt.errors import LoweringError
 from fxopt.ir.graph import Graph
+
+__all__ = [
+    "TARGET", "DTYPES", "MATMULS", "TRANSFORM_PARAMS", "CudaLibrary", "ParamSpec", "Converter", "KEPT_WHOLE",
+    "build", "prepare", "to_relax", "to_mixed_precision", "cuda_pipeline", "cuda_target", "exported_program",
+    "check_supported", "decomposition_table", "kept_whole_for", "require_tvm", "params_json_path",
+]
 
 TARGET = "cuda"
 DTYPES = ("float16", "float32")
@@ -56,215 +60,8 @@ DTYPES = ("float16", "float32")
 #: (:mod:`fxopt.backends.tvm_cuda.extension`, :mod:`fxopt.backends.tvm_cuda.offload`).
 MATMULS = ("default", "mma", "cublaslt")
 
-#: Converter signature taken by ``from_exported_program(custom_convert_map=...)``:
-#: ``fn(node: torch.fx.Node, importer: BaseFXGraphImporter) -> relax.Var``; keys
-#: are ``node.target.__name__`` such as ``"linear_act.default"``.
-Converter = Callable[..., object]
-
-#: The function ``LiftTransformParams`` makes from ``main``: fp32 weights in, transformed weights out.
-TRANSFORM_PARAMS = "main_transform_params"
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One weight the library takes at run time: its ``state_dict`` key, shape, dtype and a crc32 of its bytes."""
-
-    name: str
-    shape: Tuple[int, ...]
-    dtype: str
-    crc32: Optional[int] = None
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "crc32": self.crc32}
-
-
-
-@dataclass
-class CudaLibrary:
-    """A built model: the Relax VM executable and its kernels compiled to a fatbin.
-
-    ``executable`` holds the host code (LLVM) and a CUDA module that carries the
-    CUDA *source*; ``fatbin`` is that source compiled by nvcc at build time, and
-    :meth:`export` writes it into the library in place of the source.
-    """
-
-    executable: object  # tvm.runtime.Executable
-    target: object  # tvm.target.Target
-    cuda_source: str
-    fatbin: Optional[bytes]
-    #: graph input names, in ``main``'s order
-    input_names: List[str] = field(default_factory=list)
-    #: the weights ``main_transform_params`` takes, in order; empty when weights are embedded
-    params: List[ParamSpec] = field(default_factory=list)
-    #: shared libraries the VM calls into (the cuBLASLt extension); loaded before the library
-    extensions: List[str] = field(default_factory=list)
-
-    @property
-    def param_names(self) -> List[str]:
-        """The ordered weight names (``state_dict`` keys) the runtime must pass; empty when weights are embedded."""
-        return [p.name for p in self.params]
-
-    @property
-    def params_as_input(self) -> bool:
-        return bool(self.params)
-
-    def params_manifest(self) -> dict:
-        """What a runtime needs to call the library: entry points, input names and the weights in order."""
-        return {
-            "format": PARAMS_FORMAT, "entry": "main", "transform": TRANSFORM_PARAMS if self.params else None,
-            "inputs": list(self.input_names), "params": [p.to_json() for p in self.params],
-            "extensions": [os.path.basename(e) for e in self.extensions],
-        }
-
-    def export(self, path: str) -> str:
-        """Write a shared library that ``tvm.runtime.load_module`` loads without a CUDA compiler.
-
-        With weights as inputs, or extensions, also write :func:`params_json_path`
-        (``model.params.json``) beside it; extensions are copied beside it too.
-        """
-        from fxopt.backends.tvm_cuda.device_binary import export_library
-
-        export_library(self.executable, path, {self.cuda_source: self.fatbin} if self.fatbin else {})
-        for extension in self.extensions:
-            shutil.copyfile(extension, os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(extension)))
-        if self.params or self.extensions:
-            with open(params_json_path(path), "w") as f:
-                json.dump(self.params_manifest(), f, indent=1)
-        return path
-
-
-# ---------------------------------------------------------------- to Relax
-def to_relax(
-    graph: Graph,
-    custom_convert_map: Optional[Dict[str, Converter]] = None,
-    keep_params_as_input: bool = False,
-):
-    """Import ``graph`` into a ``tvm.IRModule`` whose ``main`` takes the graph's inputs in order.
-
-    Weights are bound as constants unless ``keep_params_as_input``; then ``main``
-    takes them after the inputs and ``mod["main"].attrs["params"]`` holds them.
-    """
-    return _import(graph, custom_convert_map, keep_params_as_input)[0]
-
-
-def _import(graph: Graph, custom_convert_map, keep_params_as_input: bool, keep_attention: bool = False):
-    """``to_relax``, also returning ``(state_dict key, tensor)`` of each weight ``main`` takes after its inputs."""
-    require_tvm()
-    from tvm.relax.frontend.torch import from_exported_program
-
-    from fxopt.backends.tvm_cuda.converters import FXOPT_CONVERTERS
-
-    converters = {**FXOPT_CONVERTERS, **(custom_convert_map or {})}
-    program = exported_program(graph, KEPT_WHOLE if keep_attention else ())
-    check_supported(program, converters)
-    try:
-        mod = from_exported_program(
-            program, keep_params_as_input=keep_params_as_input, custom_convert_map=converters,
-            run_ep_decomposition=False,  # exported_program() has decomposed already
-        )
-    except Exception as exc:  # the importer raises bare asserts, KeyErrors and TVM errors
-        raise LoweringError(
-            f"tvm-cuda: from_exported_program failed: {type(exc).__name__}: {_first_line(exc)}; "
-            "the converter of one op rejected its arguments, see the chained traceback"
-        ) from exc
-    if not keep_params_as_input:
-        return mod, []
-    # The importer binds buffers and constants, and keeps the PARAMETER inputs, in signature order.
-    kinds = torch.export.graph_signature.InputKind
-    specs = [s for s in program.graph_signature.input_specs if s.kind is kinds.PARAMETER]
-    main = mod["main"]
-    num_input = int(main.attrs["num_input"])
-    weights = [p.name for p in main.params[num_input:]]
-    if weights != [s.arg.name for s in specs]:
-        raise LoweringError(
-            f"tvm-cuda: the imported main takes weights {weights[:3]}..., the exported program's parameters are "
-            f"{[s.arg.name for s in specs][:3]}...; the importer's order changed"
-        )
-    return mod, [(s.target, program.state_dict[s.target]) for s in specs]
-
-
-def exported_program(graph: Graph, kept_whole: Tuple = ()) -> "torch.export.ExportedProgram":
-    """Re-export the graph's ATen GraphModule and decompose it to core ATen, the importer's best-covered set."""
-    args, kwargs = _example_inputs(graph)
-    try:
-        program = torch.export.export(graph.module, args, kwargs=kwargs, strict=False)
-        return program.run_decompositions(decomposition_table(kept_whole))
-    except Exception as exc:
-        raise LoweringError(
-            f"tvm-cuda: torch.export of the captured graph failed: {type(exc).__name__}: {_first_line(exc)}; "
-            "run graph.lint() to check the graph"
-        ) from exc
-
-
-#: Ops kept whole, for fxopt's fused attention kernel, rather than decomposed to core ATen:
-#: SDPA imports to ``nn.attention``, one kernel instead of ~20 ops (its decomposition also adds
-#: a NaN-safe softmax that costs more than the attention itself). Only with the kernel: TVM's
-#: own ``nn.attention`` loses its bias and scale in ToMixedPrecision (see offload.py).
-KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
-
-
-def kept_whole_for(dtype: str, matmul: str) -> Tuple:
-    """The ops :func:`build` keeps whole for these options (:data:`KEPT_WHOLE` with fxopt's fp16 attention)."""
-    return KEPT_WHOLE if matmul == "cublaslt" and dtype == "float16" else ()
-
-
-def decomposition_table(kept_whole: Tuple = ()):
-    """torch.export's default core-ATen decompositions, less the ops in ``kept_whole``."""
-    table = torch.export.default_decompositions()
-    for op in kept_whole:
-        table.pop(op, None)
-    return table
-
-
-def _example_inputs(graph: Graph) -> Tuple[tuple, dict]:
-    """Zero tensors shaped like the input specs, put back into the module's (args, kwargs) structure."""
-    leaves = []
-    for spec in graph.input_specs:
-        if any(d is None for d in spec.shape):
-            raise LoweringError(
-                f"tvm-cuda: input {spec.name} has a dynamic shape {spec.describe()}; "
-                "the CUDA backend builds static shapes only, capture without dynamic_shapes"
-            )
-        leaves.append(torch.zeros(spec.shape, dtype=spec.dtype))
-    in_spec = getattr(getattr(graph.module.graph._codegen, "pytree_info", None), "in_spec", None)
-    if in_spec is None:
-        return tuple(leaves), {}
-    args, kwargs = pytree.tree_unflatten(leaves, in_spec)
-    return tuple(args), dict(kwargs)
-
-
-def check_supported(program, converters: Dict[str, Converter]) -> None:
-    """Raise :class:`LoweringError` naming every op the importer has no converter for."""
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
-
-    known = set(ExportedProgramImporter().convert_map) | set(converters)
-    missing: List[str] = [
-        f"%{node.name} ({node.target})" for node in program.graph.nodes
-        if node.op == "call_function" and node.target.__name__ not in known
-    ]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise LoweringError(
-            f"tvm-cuda: node {', '.join(missing[:5])}{more}: no Relax converter; pass "
-            "custom_convert_map={'<op>.<overload>': fn}, rewrite the op into supported ATen ops before lowering, "
-            "or use fxopt.optimize(target='cuda'), which runs such ops in PyTorch between TVM regions"
-        )
-
-
-def require_tvm() -> None:
-    """Raise :class:`LoweringError` with the install line when Apache TVM cannot be imported."""
-    try:
-        import tvm  # noqa: F401
-    except ImportError as exc:
-        raise LoweringError(
-            f"tvm-cuda: Apache TVM is not importable ({exc}); pip install apache-tvm==0.27.0.post1 "
-            "'apache-tvm-ffi>=0.1.14.post0,<0.1.15'"
-        ) from exc
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+#: ``import_graph`` under the name earlier callers (and tests) use.
+_import = import_graph
 
 
 # ------------------------------------------------------------------ build
@@ -328,7 +125,7 @@ def build(
             executable = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target, matmul))
         except Exception as exc:
             raise LoweringError(
-                f"tvm-cuda: building for {arch} failed: {type(exc).__name__}: {_first_line(exc)}"
+                f"tvm-cuda: building for {arch} failed: {type(exc).__name__}: {first_line(exc)}"
             ) from exc
     source = cuda_source(executable)
     fatbin = compile_fatbin(source, target, fast_math) if compile_kernels else None
@@ -351,7 +148,9 @@ def prepare(
     ``fused_attention`` (fp16 only) hands attention to fxopt's kernel,
     16-bit GEMMs to cuBLASLt, and residual add + LayerNorm and GELU to fxopt's
     kernels (:mod:`fxopt.backends.tvm_cuda.offload`): all after ToMixedPrecision
-    but attention, before LiftTransformParams.
+    but attention, before LiftTransformParams. Every GELU is made one
+    ``fxopt.fused_gelu`` op first (:class:`~fxopt.passes.fusion.fuse_gelu.FuseGelu`),
+    so Relax finds GELU by its op.
 
     Returns ``(mod, weights)``: ``weights`` lists ``(state_dict key, tensor)``
     in the order ``main_transform_params`` takes them (empty when the weights
@@ -359,11 +158,14 @@ def prepare(
     """
     from tvm import relax
 
-    mod, weights = _import(graph, custom_convert_map, keep_params_as_input,
-                           keep_attention=fused_attention and dtype == "float16")
+    use_extension = fused_attention and dtype == "float16"
+    if use_extension:
+        from fxopt.passes.fusion.fuse_gelu import FuseGelu
+
+        graph = FuseGelu()(graph).graph
+    mod, weights = import_graph(graph, custom_convert_map, keep_params_as_input, keep_attention=use_extension)
     if keep_params_as_input:
         mod["main"] = mod["main"].without_attr("params")  # the fp32 values: unused, and they travel with mod
-    use_extension = fused_attention and dtype == "float16"
     if use_extension:
         from fxopt.backends.tvm_cuda.offload import offload, offload_attention
 

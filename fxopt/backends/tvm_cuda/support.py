@@ -6,7 +6,7 @@
     CapabilityBasedPartitioner(gm, TvmOperatorSupport(known))
 
 An op is supported when every op it becomes after the backend's decomposition
-(:func:`~fxopt.backends.tvm_cuda.lower.decomposition_table`, the one the build
+(:func:`~fxopt.backends.tvm_cuda.relax_import.decomposition_table`, the one the build
 runs) has a converter. That is found once per op overload: the op is exported
 alone, on tensors shaped like the first node's arguments, and decomposed like
 the build does it; the answer is cached for the process. A node is supported
@@ -89,7 +89,7 @@ def _decide(node: fx.Node, known: FrozenSet[str], kept_whole: Tuple) -> OpSuppor
 
 def ops_after_decomposition(node: fx.Node, kept_whole: Tuple = ()) -> Tuple[Tuple[str, str], ...]:
     """The distinct ops ``node``'s op becomes in the build's decomposition, as ``(full name, converter key)``."""
-    from fxopt.backends.tvm_cuda.lower import decomposition_table
+    from fxopt.backends.tvm_cuda.relax_import import decomposition_table
 
     inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
     example = tuple(_example_tensor(n) for n in inputs)

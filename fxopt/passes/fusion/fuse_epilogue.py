@@ -16,8 +16,8 @@ a node annotation). Activations: ``relu``, ``gelu`` (exact), ``gelu_tanh``,
   eager kernel runs the very same ``addmm``;
 - ``aten.conv1d/2d/3d`` and non-transposed ``aten.convolution``.
 
-GELU written out is recognised first: GPT-2's ``gelu_new``
-(``0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x**3)))``) becomes
+GELU written out is recognised first (the patterns of
+:mod:`fxopt.passes.fusion.fuse_gelu`): GPT-2's ``gelu_new`` becomes
 ``aten.gelu(approximate='tanh')`` and ``0.5*x*(1 + erf(x/sqrt(2)))`` becomes
 ``aten.gelu``, also where no linear precedes them.
 
@@ -27,15 +27,15 @@ before the activation.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 import torch
 
 from fxopt.ir.ops import EPILOGUE_ACTIVATIONS, fxopt_ops
-from fxopt.passes.fusion.common import is_number, is_weight, static_shape, tensor_info_of
+from fxopt.passes.fusion.common import is_weight, static_shape, tensor_info_of
 from fxopt.passes.fusion.fold_conv_bn import CONV_TARGETS
+from fxopt.passes.fusion.fuse_gelu import gelu_chain_patterns
 from fxopt.passes.infra.driver import RewritePass
 from fxopt.passes.infra.pattern import AnyValue, Op, OpPattern, PatternBase, Var, node_argument
 from fxopt.passes.infra.registry import register_pass
@@ -44,35 +44,7 @@ aten = torch.ops.aten
 ACTIVATIONS = tuple(EPILOGUE_ACTIVATIONS)
 
 
-def _near(value: float) -> Callable:
-    return lambda c: is_number(c) and math.isclose(c, value, rel_tol=1e-6)
-
-
 # ------------------------------------------------------- GELU written out
-def gelu_tanh_chain_patterns() -> List[Op]:
-    """``0.5*x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`` in the orders the exporter leaves."""
-    x = Var("x")
-    cube = Op(aten.mul.Tensor, Op(aten.pow.Tensor_Scalar, x, Var("three", where=_near(3.0))),
-              Var("c1", where=_near(0.044715)))
-    inners = [Op(aten.add.Tensor, x, cube, alpha=1), Op(aten.add.Tensor, cube, x, alpha=1)]
-    return [root for inner in inners for root in _half_x_times_one_plus(
-        Op(aten.tanh.default, Op(aten.mul.Tensor, inner, Var("c2", where=_near(math.sqrt(2 / math.pi))))))]
-
-
-def gelu_erf_chain_patterns() -> List[Op]:
-    """``0.5*x * (1 + erf(x / sqrt(2)))``, the division also written as ``* (1/sqrt(2))``."""
-    x = Var("x")
-    scaled = [Op(aten.mul.Tensor, x, Var("c", where=_near(math.sqrt(0.5)))),
-              Op(aten.div.Tensor, x, Var("c", where=_near(math.sqrt(2.0))))]
-    return [root for inner in scaled for root in _half_x_times_one_plus(Op(aten.erf.default, inner))]
-
-
-def _half_x_times_one_plus(core: Op) -> List[Op]:
-    half = Op(aten.mul.Tensor, Var("x"), Var("half", where=_near(0.5)))
-    one_plus = Op(aten.add.Tensor, core, Var("one", where=_near(1.0)), alpha=1)
-    return [Op(aten.mul.Tensor, half, one_plus), Op(aten.mul.Tensor, one_plus, half)]
-
-
 def gelu_tanh_rewrite(rw, x, **_):
     return rw.call(aten.gelu.default, x, approximate="tanh")
 
@@ -164,12 +136,9 @@ class FuseEpilogue(RewritePass):
         self.check_choices("activations", self.activations, ACTIVATIONS, "activations")
 
     def patterns(self) -> List[PatternBase]:
-        patterns: List[PatternBase] = []
-        if "gelu_tanh" in self.activations:
-            patterns += [OpPattern(root, gelu_tanh_rewrite, name="gelu-tanh-chain")
-                         for root in gelu_tanh_chain_patterns()]
-        if "gelu" in self.activations:
-            patterns += [OpPattern(root, gelu_erf_rewrite, name="gelu-erf-chain") for root in gelu_erf_chain_patterns()]
+        approximations = [approximate for activation, approximate in (("gelu_tanh", "tanh"), ("gelu", "none"))
+                          if activation in self.activations]
+        patterns: List[PatternBase] = gelu_chain_patterns(gelu_tanh_rewrite, gelu_erf_rewrite, approximations)
         for activation in self.activations:
             for kind, primary in linear_primaries():
                 rewrite = addmm_rewrite if kind == "addmm" else linear_rewrite

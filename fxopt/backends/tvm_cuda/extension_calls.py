@@ -1,0 +1,48 @@
+"""The packed functions fxopt's CUDA extension registers, as the Relax rewrites call them.
+
+Each is called with ``R.call_dps_packed(name, [inputs..., scalars...], out_ty)``:
+the outputs come last, allocated by TVM (destination-passing style). The
+kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
+(``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``)::
+
+    fxopt.cublaslt.matmul(a, b, out)                      a [.., K] @ b [K, N] or batched [B, M, K] @ [B, K, N]
+    fxopt.cublaslt.matmul_bias(a, b, bias[N], out)        + bias in the fp32 epilogue
+    fxopt.attention[_bias](q, k, v, [bias,] scale, causal, out)       BSNH, fp16
+    fxopt.[add_]layer_norm(x, [residual,] gamma, beta, eps, out)      fp32 statistics
+    fxopt.add_layer_norm_sum(x, residual, gamma, beta, eps, out, sum)
+    fxopt.gelu(x, out), fxopt.gelu_tanh(x, out)                       fp32 math, fp16 in and out
+"""
+from __future__ import annotations
+
+GEMM = "fxopt.cublaslt.matmul"
+GEMM_BIAS = "fxopt.cublaslt.matmul_bias"
+ATTENTION = "fxopt.attention"
+ATTENTION_BIAS = "fxopt.attention_bias"
+LAYER_NORM = "fxopt.layer_norm"
+ADD_LAYER_NORM = "fxopt.add_layer_norm"
+ADD_LAYER_NORM_SUM = "fxopt.add_layer_norm_sum"
+GELU = "fxopt.gelu"
+GELU_TANH = "fxopt.gelu_tanh"
+NORM_ACT_FUNCTIONS = (LAYER_NORM, ADD_LAYER_NORM, ADD_LAYER_NORM_SUM, GELU, GELU_TANH)
+
+#: the 16-bit float dtypes cuBLASLt's GEMMs take
+HALF_DTYPES = ("float16", "bfloat16")
+#: tensors the LayerNorm kernel reads and writes (gamma and beta too)
+NORM_DTYPES = ("float16", "float32")
+#: the LayerNorm kernel holds a row in registers: H a multiple of 8 (16-byte loads), at most this
+MAX_NORM_HIDDEN = 8192
+#: ``nn.attention``'s causal_mask attribute -> the attention kernel's ``causal`` argument
+CAUSAL_CODES = {None: 0, "TopLeft": 1, "BottomRight": 2}
+
+
+def packed_call(name: str, args: list, out_ty):
+    """``R.call_dps_packed(name, args)`` writing ``out_ty`` (a TensorType, or a list of them)."""
+    from tvm import relax
+
+    return relax.op.call_dps_packed(name, args, out_ty=out_ty)
+
+
+def tensor_type(shape, dtype: str):
+    from tvm import relax
+
+    return relax.TensorType(shape, dtype)
