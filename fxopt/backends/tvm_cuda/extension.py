@@ -37,6 +37,8 @@ from fxopt.errors import ArtifactError, LoweringError
 
 HERE = os.path.dirname(__file__)
 SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu")]
+#: Headers the sources include: part of the cache key, not compiled on their own
+HEADERS = [os.path.join(HERE, "attention_kernel.cuh")]
 EXTENSION_NAME = "libfxopt_cuda_ext.so"
 CUBLASLT_SONAME = "libcublasLt.so.13"
 #: SASS for Ampere and Hopper, plus PTX that newer GPUs compile at load time
@@ -75,7 +77,7 @@ def extension_path() -> str:
     include = [os.path.join(ffi_root, "include"), _cublas_dir("include", "cublasLt.h")]
     libs = [_cublas_dir("lib", CUBLASLT_SONAME), os.path.join(ffi_root, "lib")]
     digest = hashlib.sha256(repr((include, libs, GENCODE, tvm_ffi.__version__)).encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             digest.update(f.read())
     path = os.path.join(cache_dir(), f"cuda-ext-{digest.hexdigest()[:16]}", EXTENSION_NAME)
