@@ -3,9 +3,15 @@
 // Relax calls these through R.call_dps_packed (see cublaslt.py, which compiles this file):
 //   fxopt.cublaslt.matmul(a, b, out)             out = a @ b
 //   fxopt.cublaslt.matmul_bias(a, b, bias, out)  out = a @ b + bias   (the bias added in the fp32 epilogue)
+//   fxopt.cublaslt.matmul_fp8(x, w, x_scale, w_scale, out)            out = (x_scale * x) @ (w_scale * w)^T
+//   fxopt.cublaslt.matmul_fp8_bias(x, w, x_scale, w_scale, bias, out)   ... + bias
 // Row-major shapes: a [..., M, K], b [K, N] (a weight: a's leading dimensions fold into M) or
 // b [batch, K, N] with a [batch, M, K] (a strided-batched GEMM, e.g. attention); out [..., M, N];
 // bias [N]. a, b, out and bias share one dtype, float16 or bfloat16; products accumulate in fp32.
+// fp8: x [..., M, K] and w [N, K] (a linear's weight, not transposed: cuBLASLt's fp8 GEMM wants the "TN" form)
+// in float8_e4m3fn, K a multiple of 16; x_scale float32 [1] or [M] (per tensor or per token), w_scale float32
+// [1] or [N] (per tensor or per output channel), applied by cuBLASLt's scale pointers (outer-vector mode for
+// vectors); out and bias float16 or bfloat16.
 //
 // The GEMM runs on the stream TVM says is current (TVMFFIEnvGetStream), so calls are captured
 // when the VM records a CUDA graph. A plan (descriptors, layouts, algorithm) is made once per
@@ -49,10 +55,14 @@ void CheckCuda(cudaError_t status, const char* what) {
 // The GEMM in row-major terms, plus what the algorithm choice depends on.
 struct Problem {
   int64_t batch, m, n, k;
-  cudaDataType_t dtype;
+  cudaDataType_t dtype;  // of out and bias (and of a and b, but for fp8)
   bool bias;
   int alignment;  // bytes, the smallest alignment of any pointer
-  auto Key() const { return std::make_tuple(batch, m, n, k, static_cast<int>(dtype), bias, alignment); }
+  bool fp8 = false, token_scales = false, channel_scales = false;
+  auto Key() const {
+    return std::make_tuple(batch, m, n, k, static_cast<int>(dtype), bias, alignment, fp8, token_scales,
+                           channel_scales);
+  }
 };
 
 struct Plan {
@@ -66,6 +76,8 @@ struct Operands {
   const void* b;
   const void* bias;
   void* out;
+  const void* a_scale = nullptr;  // fp8: the scales of a (x) and b (w)
+  const void* b_scale = nullptr;
 };
 
 struct DeviceState {
@@ -131,6 +143,49 @@ Problem Describe(const TensorView& a, const TensorView& b, const TensorView* bia
   return p;
 }
 
+bool IsFp8(const TensorView& t) {
+  return t.dtype().code == kDLFloat8_e4m3fn && t.dtype().bits == 8 && t.dtype().lanes == 1;
+}
+
+bool IsFloat32(const TensorView& t) { return t.dtype().code == kDLFloat && t.dtype().bits == 32; }
+
+Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& x_scale, const TensorView& w_scale,
+                    const TensorView* bias, const TensorView& out) {
+  TVM_FFI_CHECK(IsFp8(x) && IsFp8(w), TypeError) << "fxopt.cublaslt: fp8 x and w must be float8_e4m3fn";
+  TVM_FFI_CHECK(x.ndim() >= 2 && w.ndim() == 2, ValueError) << "fxopt.cublaslt: fp8 x must be [..., M, K], w [N, K]";
+  Problem p;
+  p.fp8 = true;
+  p.batch = 1;
+  p.k = x.shape()[x.ndim() - 1];
+  p.m = Numel(x, 0, x.ndim() - 1);
+  p.n = w.shape()[0];
+  TVM_FFI_CHECK(w.shape()[1] == p.k, ValueError)
+      << "fxopt.cublaslt: fp8 inner dimensions differ (x [..., K], w [N, K])";
+  TVM_FFI_CHECK(p.k % 16 == 0, ValueError) << "fxopt.cublaslt: fp8 needs K a multiple of 16, got " << p.k;
+  TVM_FFI_CHECK(Numel(out, 0, out.ndim()) == p.m * p.n, ValueError)
+      << "fxopt.cublaslt: out has the wrong number of elements";
+  p.dtype = BlasType(out);
+  TVM_FFI_CHECK(IsFloat32(x_scale) && IsFloat32(w_scale), TypeError) << "fxopt.cublaslt: fp8 scales must be float32";
+  int64_t xs = Numel(x_scale, 0, x_scale.ndim()), ws = Numel(w_scale, 0, w_scale.ndim());
+  TVM_FFI_CHECK((xs == 1 || xs == p.m) && (ws == 1 || ws == p.n), ValueError)
+      << "fxopt.cublaslt: fp8 x_scale must have 1 or M elements and w_scale 1 or N";
+  p.token_scales = xs > 1;
+  p.channel_scales = ws > 1;
+  TVM_FFI_CHECK(x.IsContiguous() && w.IsContiguous() && out.IsContiguous() && x_scale.IsContiguous() &&
+                    w_scale.IsContiguous() && (!bias || bias->IsContiguous()),
+                ValueError)
+      << "fxopt.cublaslt: fp8 operands must be contiguous (strides are not read); pass .contiguous() copies";
+  p.bias = bias != nullptr;
+  if (p.bias) {
+    TVM_FFI_CHECK(BlasType(*bias) == p.dtype && Numel(*bias, 0, bias->ndim()) == p.n, ValueError)
+        << "fxopt.cublaslt: bias must be [N] in the dtype of out";
+  }
+  p.alignment = Alignment({DataPtr(x), DataPtr(w), DataPtr(out), p.bias ? DataPtr(*bias) : nullptr});
+  TVM_FFI_CHECK(p.alignment >= 16, ValueError) << "fxopt.cublaslt: fp8 operands must be 16-byte aligned";
+  TVM_FFI_CHECK(x.device().device_type == kDLCUDA, ValueError) << "fxopt.cublaslt: fp8 tensors must be on the GPU";
+  return p;
+}
+
 // Row-major C[M, N] = A[M, K] B[K, N] is column-major C^T[N, M] = B^T[N, K] A^T[K, M]:
 // cuBLASLt's "A" is our b (N x K, ld N) and its "B" is our a (K x M, ld K).
 cublasLtMatrixLayout_t Layout(cudaDataType_t dtype, int64_t rows, int64_t cols, int64_t batch) {
@@ -148,6 +203,28 @@ cublasLtMatrixLayout_t Layout(cudaDataType_t dtype, int64_t rows, int64_t cols, 
   return layout;
 }
 
+void SetAttribute(const Plan& plan, cublasLtMatmulDescAttributes_t attribute, const void* value, size_t size,
+                  const char* what) {
+  CheckBlas(cublasLtMatmulDescSetAttribute(plan.desc, attribute, value, size), what);
+}
+
+// fp8 in cuBLASLt's "TN" form: its A is w ([N, K] row-major = K x N column-major, transposed), its B is x
+// (K x M column-major), so A's outer-vector scale has N entries (per channel) and B's has M (per token).
+void SetFp8(Plan& plan, const Problem& p) {
+  cublasOperation_t transpose = CUBLAS_OP_T;
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose), "set fp8 transa");
+  auto mode = [](bool vector) {
+    return static_cast<int32_t>(vector ? CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+                                       : CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F);
+  };
+  int32_t a_mode = mode(p.channel_scales), b_mode = mode(p.token_scales);
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode), "set fp8 w scale mode");
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode), "set fp8 x scale mode");
+  plan.layout_a = Layout(CUDA_R_8F_E4M3, p.k, p.n, 1);
+  plan.layout_b = Layout(CUDA_R_8F_E4M3, p.k, p.m, 1);
+  plan.layout_c = Layout(p.dtype, p.n, p.m, 1);
+}
+
 Plan MakePlan(const Problem& p) {
   Plan plan;
   CheckBlas(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
@@ -160,10 +237,20 @@ Plan MakePlan(const Problem& p) {
                                              sizeof(bias_type)),
               "set bias dtype");
   }
+  if (p.fp8) {
+    SetFp8(plan, p);
+    return plan;
+  }
   plan.layout_a = Layout(p.dtype, p.n, p.k, p.batch);
   plan.layout_b = Layout(p.dtype, p.k, p.m, p.batch);
   plan.layout_c = Layout(p.dtype, p.n, p.m, p.batch);
   return plan;
+}
+
+void SetScales(const Plan& plan, const Operands& x) {
+  if (x.a_scale == nullptr) return;
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &x.b_scale, sizeof(x.b_scale), "set w scale pointer");
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x.a_scale, sizeof(x.a_scale), "set x scale pointer");
 }
 
 void SetBias(const Plan& plan, const void* bias) {
@@ -176,6 +263,7 @@ cublasStatus_t TryLaunch(DeviceState& dev, const Plan& plan, const cublasLtMatmu
                          cudaStream_t stream) {
   const float alpha = 1.0f, beta = 0.0f;
   SetBias(plan, x.bias);
+  SetScales(plan, x);
   return cublasLtMatmul(dev.handle, plan.desc, &alpha, x.b, plan.layout_a, x.a, plan.layout_b, &beta, x.out,
                         plan.layout_c, x.out, plan.layout_c, &algo, dev.workspace, kWorkspaceBytes, stream);
 }
@@ -257,12 +345,9 @@ DeviceState& Device(int device_id, bool capturing) {
   return dev;
 }
 
-void Gemm(const TensorView& a, const TensorView& b, const TensorView* bias, const TensorView& out) {
-  Problem p = Describe(a, b, bias, out);
-  int device_id = a.device().device_id;
+void Run(const Problem& p, const Operands& x, int device_id) {
   CheckCuda(cudaSetDevice(device_id), "cudaSetDevice");
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
-  Operands x{DataPtr(a), DataPtr(b), bias ? DataPtr(*bias) : nullptr, DataPtr(out)};
   std::lock_guard<std::mutex> lock(state_mutex);
   bool capturing = Capturing(stream);
   DeviceState& dev = Device(device_id, capturing);
@@ -276,12 +361,33 @@ void Gemm(const TensorView& a, const TensorView& b, const TensorView* bias, cons
   Launch(dev, found->second, found->second.algo, x, stream);
 }
 
+void Gemm(const TensorView& a, const TensorView& b, const TensorView* bias, const TensorView& out) {
+  Problem p = Describe(a, b, bias, out);
+  Run(p, Operands{DataPtr(a), DataPtr(b), bias ? DataPtr(*bias) : nullptr, DataPtr(out)}, a.device().device_id);
+}
+
+void GemmFp8(const TensorView& x, const TensorView& w, const TensorView& x_scale, const TensorView& w_scale,
+             const TensorView* bias, const TensorView& out) {
+  Problem p = DescribeFp8(x, w, x_scale, w_scale, bias, out);
+  Operands operands{DataPtr(x), DataPtr(w), bias ? DataPtr(*bias) : nullptr, DataPtr(out), DataPtr(x_scale),
+                    DataPtr(w_scale)};
+  Run(p, operands, x.device().device_id);
+}
+
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
       .def("fxopt.cublaslt.matmul", [](TensorView a, TensorView b, TensorView out) { Gemm(a, b, nullptr, out); })
       .def("fxopt.cublaslt.matmul_bias",
            [](TensorView a, TensorView b, TensorView bias, TensorView out) { Gemm(a, b, &bias, out); })
+      .def("fxopt.cublaslt.matmul_fp8",
+           [](TensorView x, TensorView w, TensorView xs, TensorView ws, TensorView out) {
+             GemmFp8(x, w, xs, ws, nullptr, out);
+           })
+      .def("fxopt.cublaslt.matmul_fp8_bias",
+           [](TensorView x, TensorView w, TensorView xs, TensorView ws, TensorView bias, TensorView out) {
+             GemmFp8(x, w, xs, ws, &bias, out);
+           })
       .def("fxopt.cublaslt.version", []() -> int64_t { return static_cast<int64_t>(cublasLtGetVersion()); });
 }
 

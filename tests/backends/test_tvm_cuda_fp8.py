@@ -1,0 +1,107 @@
+"""fxopt.cublaslt.matmul_fp8[_bias]: float8_e4m3fn GEMMs through cuBLASLt with per-tensor, per-token and
+per-channel scales (issue 22's first kernel).
+
+The argument checks run here, on the CPU machine (every check refuses before the GPU is touched); the numbers
+are checked on the GPU machine (marker ``gpu``), exactly: small integers and power-of-two scales make every
+product, sum and scaled result exact in fp32 and in the float16 output.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.harness import examples
+
+pytest.importorskip("tvm_ffi")
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to compile the CUDA extension")
+
+E4M3 = torch.float8_e4m3fn
+FP8 = "fxopt.cublaslt.matmul_fp8"
+FP8_BIAS = "fxopt.cublaslt.matmul_fp8_bias"
+
+
+@pytest.fixture(scope="module")
+def fp8():
+    import tvm_ffi
+
+    from fxopt.backends.tvm_cuda import extension
+    extension.load_extension(os.environ.get("FXOPT_CUDA_EXTENSION") or extension.extension_path())
+    return tvm_ffi.get_global_func(FP8), tvm_ffi.get_global_func(FP8_BIAS)
+
+
+def operands(m=8, n=16, k=32, device="cpu"):
+    x = torch.zeros(m, k, device=device).to(E4M3)
+    w = torch.zeros(n, k, device=device).to(E4M3)
+    return x, w, torch.ones(1, device=device), torch.ones(n, device=device), torch.zeros(m, n, device=device).half()
+
+
+BAD = {
+    "x in float16": (lambda x, w, xs, ws, out: (x.half(), w, xs, ws, out), TypeError, "must be float8_e4m3fn"),
+    "K not a multiple of 16": (lambda x, w, xs, ws, out: (x[:, :24].contiguous(), w[:, :24].contiguous(), xs, ws,
+                                                          out), ValueError, "K a multiple of 16, got 24"),
+    "w of another K": (lambda x, w, xs, ws, out: (x, torch.zeros(16, 48).to(E4M3), xs, ws, out), ValueError,
+                       "inner dimensions differ"),
+    "x_scale of 3": (lambda x, w, xs, ws, out: (x, w, torch.ones(3), ws, out), ValueError,
+                     "x_scale must have 1 or M elements"),
+    "scales in float16": (lambda x, w, xs, ws, out: (x, w, xs.half(), ws, out), TypeError, "scales must be float32"),
+    "w transposed": (lambda x, w, xs, ws, out: (x, torch.zeros(32, 16).to(E4M3).t(), xs, ws, out), ValueError,
+                     "must be contiguous"),
+    "out of 15 columns": (lambda x, w, xs, ws, out: (x, w, xs, ws, torch.zeros(8, 15).half()), ValueError,
+                          "wrong number of elements"),
+    "on the CPU": (lambda x, w, xs, ws, out: (x, w, xs, ws, out), ValueError, "must be on the GPU"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_fp8_gemm_refuses_bad_operands_with_a_clear_error(fp8, case):
+    make, error, words = BAD[case]
+    with pytest.raises(error, match=words):
+        fp8[0](*make(*operands()))
+
+
+def test_fp8_bias_of_the_wrong_size_is_refused(fp8):
+    x, w, xs, ws, out = operands()
+    with pytest.raises(ValueError, match=r"bias must be \[N\] in the dtype of out"):
+        fp8[1](x, w, xs, ws, torch.zeros(15).half(), out)
+
+
+@st.composite
+def fp8_cases(draw):
+    return dict(m=draw(st.integers(1, 77)), n=16 * draw(st.integers(1, 12)), k=16 * draw(st.integers(1, 16)),
+                token=draw(st.booleans()), channel=draw(st.booleans()), bias=draw(st.booleans()),
+                out=draw(st.sampled_from([torch.float16, torch.bfloat16])), seed=draw(st.integers(0, 2 ** 31)))
+
+
+@pytest.mark.gpu
+@examples(25)
+@given(fp8_cases())
+def test_fp8_gemm_is_exact_on_small_integers_with_every_scale_mode(fp8, case):
+    """Bound: the output dtype's one rounding of the exact result. Entries in [-2, 2] and K <= 256 keep every
+    partial sum an integer of magnitude <= 1024 (exact in fp32, and in Hopper's fp8 accumulators, which keep
+    fewer bits); the scales are powers of two in [1/4, 4] and the bias integers in [-8, 8], so the scaled sum plus
+    bias is exact in fp32. The reference rounds that fp32 value once to the output dtype, as cuBLASLt's fp32
+    epilogue must: any wrong element (operand order, a scale on the wrong axis, a missed K slice, the bias) differs.
+    """
+    c = case
+    gen = torch.Generator(device="cuda").manual_seed(c["seed"])
+    k = c["k"]
+    x = torch.randint(-2, 3, (c["m"], k), generator=gen, device="cuda").float()
+    w = torch.randint(-2, 3, (c["n"], k), generator=gen, device="cuda").float()
+    powers = lambda size: 2.0 ** torch.randint(-2, 3, (size,), generator=gen, device="cuda").float()  # noqa: E731
+    xs = powers(c["m"] if c["token"] else 1)
+    ws = powers(c["n"] if c["channel"] else 1)
+    out = torch.full((c["m"], c["n"]), float("nan"), device="cuda", dtype=c["out"])
+    expected = (x * xs[:, None] if c["token"] else x * xs) @ (w * ws[:, None] if c["channel"] else w * ws).T
+    if c["bias"]:
+        bias = torch.randint(-8, 9, (c["n"],), generator=gen, device="cuda").to(c["out"])
+        fp8[1](x.to(E4M3), w.to(E4M3), xs, ws, bias, out)
+        expected = expected + bias.float()
+    else:
+        fp8[0](x.to(E4M3), w.to(E4M3), xs, ws, out)
+    torch.cuda.synchronize()
+    assert torch.equal(out.float(), expected.to(c["out"]).float()), (out.float() - expected).abs().max()
