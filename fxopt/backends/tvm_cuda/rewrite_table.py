@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fxopt.backends.tvm_cuda.relax_exprs import FunctionFacts
 from fxopt.errors import LoweringError
+from fxopt.passes.infra.driver import kept_firing
 
 #: rounds before a table that keeps firing is an error (a 2-layer model needs about 6, BERT-base about 30)
 MAX_ROUNDS = 200
@@ -140,10 +141,7 @@ class _Round:
 
 
 def _not_converged(table: Sequence[RelaxRewrite], history: List[Counter]) -> LoweringError:
-    recent: Counter = Counter()
-    for fired in history[-5:]:
-        recent.update(fired)
-    names = ", ".join(f"{name} ({count}x)" for name, count in recent.most_common())
+    names = kept_firing(history)
     return LoweringError(
         f"tvm-cuda: the Relax rewrite table ({', '.join(row.name for row in table)}) did not converge after "
         f"{len(history)} rounds; rows that kept firing in the last rounds: {names}; a row's replacement "

@@ -172,11 +172,16 @@ def _apply(graph: Graph, match: Match) -> bool:
     return True
 
 
-def _not_converged(history: List[Counter], max_iterations: int) -> PatternError:
-    recent = Counter()
-    for fired in history[-5:]:
+def kept_firing(history: List[Counter], last: int = 5) -> str:
+    """``"name (Nx), ..."``: what fired in the last ``last`` rounds of a rewrite loop, most first."""
+    recent: Counter = Counter()
+    for fired in history[-last:]:
         recent.update(fired)
-    names = ", ".join(f"{name} ({count}x)" for name, count in recent.most_common())
+    return ", ".join(f"{name} ({count}x)" for name, count in recent.most_common())
+
+
+def _not_converged(history: List[Counter], max_iterations: int) -> PatternError:
+    names = kept_firing(history)
     return PatternError(
         f"rewrite: did not converge after {max_iterations} iterations; patterns that kept firing in the last "
         f"{min(5, len(history))} iterations: {names}; a pattern's replacement probably matches that pattern "
