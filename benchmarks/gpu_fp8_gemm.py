@@ -8,9 +8,9 @@
         python3 benchmarks/gpu_fp8_gemm.py --extension build/kernel_tests_lib/libfxopt_cuda_ext.so --json $OUT/fp8.json
 
 Shapes are linears of BERT-base and of a Llama-architecture decoder at 1024 tokens (batch 8 x 128) and at 8 and
-64 tokens (decode). For each, in the same process: torch fp16 ``F.linear`` (cuBLAS), ``torch._scaled_mm`` fp8
-with row-wise scales (what torchao's float8 per-row recipe runs) where this torch has it, and fxopt's fp8 GEMM
-with per-token x and per-channel w scales, all timed with ``triton.testing.do_bench`` (median), and each fp8
+64 tokens (decode). For each, in the same process: torch fp16 ``F.linear`` (cuBLAS), and ``torch._scaled_mm``
+and fxopt's fp8 GEMM each with row-wise scales (per-token x, per-channel w: torchao's float8 per-row recipe) and
+with per-tensor scales (torchao's tensorwise recipe), all timed with ``triton.testing.do_bench`` (median), and each fp8
 result checked against fp32 math on the dequantized operands (relative Frobenius error).
 """
 from __future__ import annotations
@@ -39,33 +39,57 @@ def quantize_rows(t: torch.Tensor):
     return (t.float() / scale[:, None]).to(E4M3), scale
 
 
+def quantize_tensor(t: torch.Tensor):
+    """(fp8 codes, float32 scale [1]): the tensor's absmax maps to e4m3's largest finite value."""
+    scale = (t.float().abs().amax().clamp(min=1e-12) / E4M3_MAX).reshape(1)
+    return (t.float() / scale).to(E4M3), scale
+
+
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return float((out.float() - reference).norm() / reference.norm())
 
 
+def measure(row: dict, key: str, call, reference: torch.Tensor) -> None:
+    """row[key + "_ms"] (median) and row[key + "_err"], or row[key] = why it could not run."""
+    from triton.testing import do_bench
+    try:
+        row[key + "_err"] = relative_error(call(), reference)
+        row[key + "_ms"] = do_bench(call, return_mode="median")
+    except Exception as exc:  # recorded, so one device call reports every variant
+        row[key] = f"failed: {type(exc).__name__}: {exc}"[:300]
+
+
 def one_shape(fp8, m: int, n: int, k: int) -> dict:
+    """fp16 F.linear; fxopt and torch._scaled_mm fp8 with row-wise (per-token x, per-channel w) scales and with
+    per-tensor scales."""
     from triton.testing import do_bench
     gen = torch.Generator(device="cuda").manual_seed(m * 131 + n * 7 + k)
     x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.float16)
     w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).half()
-    xq, xs = quantize_rows(x)
-    wq, ws = quantize_rows(w)
-    reference = (xq.float() * xs[:, None]) @ (wq.float() * ws[:, None]).T
-    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
     row = {"m": m, "n": n, "k": k}
     row["torch_fp16_ms"] = do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
-    fp8(xq, wq, xs, ws, out)
-    row["fxopt_fp8_err"] = relative_error(out, reference)
-    row["fxopt_fp8_ms"] = do_bench(lambda: fp8(xq, wq, xs, ws, out), return_mode="median")
-    if hasattr(torch, "_scaled_mm"):
-        try:
-            call = lambda: torch._scaled_mm(xq, wq.T, scale_a=xs[:, None], scale_b=ws[None, :],  # noqa: E731
-                                            out_dtype=torch.float16)
-            row["torch_scaled_mm_err"] = relative_error(call(), reference)
-            row["torch_scaled_mm_ms"] = do_bench(call, return_mode="median")
-        except Exception as exc:  # a torch without row-wise scaling on this card
-            row["torch_scaled_mm"] = f"unavailable: {exc}"[:200]
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    for scales in ("rowwise", "tensorwise"):
+        rows_x = quantize_rows(x) if scales == "rowwise" else quantize_tensor(x)
+        rows_w = quantize_rows(w) if scales == "rowwise" else quantize_tensor(w)
+        (xq, xs), (wq, ws) = rows_x, rows_w
+        reference = (xq.float() * (xs[:, None] if xs.numel() > 1 else xs)) @ \
+            (wq.float() * (ws[:, None] if ws.numel() > 1 else ws)).T
+
+        def fxopt_call():
+            fp8(xq, wq, xs, ws, out)
+            return out
+        measure(row, f"fxopt_fp8_{scales}", fxopt_call, reference)
+        scale_a, scale_b = (xs[:, None], ws[None, :]) if scales == "rowwise" else (xs[0], ws[0])
+        measure(row, f"torch_scaled_mm_{scales}",
+                lambda: torch._scaled_mm(xq, wq.T, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float16),
+                reference)
     return row
+
+
+def cell(row: dict, key: str) -> str:
+    value = row.get(key + "_ms")
+    return "fail" if value is None else f"{value:.4f}"
 
 
 def main(argv=None) -> None:
@@ -79,15 +103,18 @@ def main(argv=None) -> None:
     extension.load_extension(args.extension)
     fp8 = tvm_ffi.get_global_func("fxopt.cublaslt.matmul_fp8")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'linear':22s} {'M':>5s} {'fp16 ms':>9s} {'fxopt fp8':>10s} {'_scaled_mm':>10s} {'fxopt err':>10s}")
+    keys = ["fxopt_fp8_rowwise", "torch_scaled_mm_rowwise", "fxopt_fp8_tensorwise", "torch_scaled_mm_tensorwise"]
+    print(f"{'linear':22s} {'M':>5s} {'fp16 ms':>9s} " + " ".join(f"{key:>26s}" for key in keys))
     rows = []
     for name, n, k in LINEARS:
         for m in TOKENS:
             row = {"linear": name, **one_shape(fp8, m, n, k)}
             rows.append(row)
-            scaled = row.get("torch_scaled_mm_ms")
-            print(f"{name:22s} {m:5d} {row['torch_fp16_ms']:9.4f} {row['fxopt_fp8_ms']:10.4f} "
-                  f"{scaled if scaled is None else round(scaled, 4)!s:>10s} {row['fxopt_fp8_err']:10.2e}", flush=True)
+            print(f"{name:22s} {m:5d} {row['torch_fp16_ms']:9.4f} " + " ".join(f"{cell(row, key):>26s}" for key in keys),
+                  flush=True)
+    failures = {key: row[key] for row in rows for key in keys if key in row}
+    for key, why in failures.items():
+        print(f"{key}: {why}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

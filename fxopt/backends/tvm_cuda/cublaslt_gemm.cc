@@ -9,9 +9,9 @@
 // b [batch, K, N] with a [batch, M, K] (a strided-batched GEMM, e.g. attention); out [..., M, N];
 // bias [N]. a, b, out and bias share one dtype, float16 or bfloat16; products accumulate in fp32.
 // fp8: x [..., M, K] and w [N, K] (a linear's weight, not transposed: cuBLASLt's fp8 GEMM wants the "TN" form)
-// in float8_e4m3fn, K a multiple of 16; x_scale float32 [1] or [M] (per tensor or per token), w_scale float32
-// [1] or [N] (per tensor or per output channel), applied by cuBLASLt's scale pointers (outer-vector mode for
-// vectors); out and bias float16 or bfloat16.
+// in float8_e4m3fn, K a multiple of 16; scales float32, both per tensor (x_scale [1], w_scale [1]) or both
+// vectors (x_scale [M] per token, w_scale [N] per output channel: cuBLASLt's outer-vector mode, which scales
+// both operands or neither), applied by cuBLASLt's scale pointers; out and bias float16 or bfloat16.
 //
 // The GEMM runs on the stream TVM says is current (TVMFFIEnvGetStream), so calls are captured
 // when the VM records a CUDA graph. A plan (descriptors, layouts, algorithm) is made once per
@@ -58,10 +58,9 @@ struct Problem {
   cudaDataType_t dtype;  // of out and bias (and of a and b, but for fp8)
   bool bias;
   int alignment;  // bytes, the smallest alignment of any pointer
-  bool fp8 = false, token_scales = false, channel_scales = false;
+  bool fp8 = false, vector_scales = false;
   auto Key() const {
-    return std::make_tuple(batch, m, n, k, static_cast<int>(dtype), bias, alignment, fp8, token_scales,
-                           channel_scales);
+    return std::make_tuple(batch, m, n, k, static_cast<int>(dtype), bias, alignment, fp8, vector_scales);
   }
 };
 
@@ -169,8 +168,12 @@ Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& 
   int64_t xs = Numel(x_scale, 0, x_scale.ndim()), ws = Numel(w_scale, 0, w_scale.ndim());
   TVM_FFI_CHECK((xs == 1 || xs == p.m) && (ws == 1 || ws == p.n), ValueError)
       << "fxopt.cublaslt: fp8 x_scale must have 1 or M elements and w_scale 1 or N";
-  p.token_scales = xs > 1;
-  p.channel_scales = ws > 1;
+  // cuBLASLt's outer-vector mode scales both operands or neither: a lone vector is refused, not broadcast here.
+  p.vector_scales = xs > 1 || ws > 1;
+  TVM_FFI_CHECK(!p.vector_scales || (xs == p.m && ws == p.n), ValueError)
+      << "fxopt.cublaslt: fp8 x_scale and w_scale must both be per-tensor ([1]) or both vectors (x_scale [M], "
+      << "w_scale [N]), got " << xs << " and " << ws << " elements for M=" << p.m << ", N=" << p.n
+      << "; expand the per-tensor one to a vector";
   TVM_FFI_CHECK(x.IsContiguous() && w.IsContiguous() && out.IsContiguous() && x_scale.IsContiguous() &&
                     w_scale.IsContiguous() && (!bias || bias->IsContiguous()),
                 ValueError)
@@ -213,13 +216,10 @@ void SetAttribute(const Plan& plan, cublasLtMatmulDescAttributes_t attribute, co
 void SetFp8(Plan& plan, const Problem& p) {
   cublasOperation_t transpose = CUBLAS_OP_T;
   SetAttribute(plan, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose), "set fp8 transa");
-  auto mode = [](bool vector) {
-    return static_cast<int32_t>(vector ? CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
-                                       : CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F);
-  };
-  int32_t a_mode = mode(p.channel_scales), b_mode = mode(p.token_scales);
-  SetAttribute(plan, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode), "set fp8 w scale mode");
-  SetAttribute(plan, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode), "set fp8 x scale mode");
+  int32_t mode = static_cast<int32_t>(p.vector_scales ? CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+                                                      : CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F);
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode), "set fp8 w scale mode");
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode), "set fp8 x scale mode");
   plan.layout_a = Layout(CUDA_R_8F_E4M3, p.k, p.n, 1);
   plan.layout_b = Layout(CUDA_R_8F_E4M3, p.k, p.m, 1);
   plan.layout_c = Layout(p.dtype, p.n, p.m, 1);
@@ -259,11 +259,17 @@ void SetBias(const Plan& plan, const void* bias) {
             "set bias pointer");
 }
 
+// The plan's pointers are this call's operands. Set before the heuristic too: cuBLASLt proposes no algorithm
+// for vector scale modes whose scale pointers are unset.
+void Bind(const Plan& plan, const Operands& x) {
+  SetBias(plan, x.bias);
+  SetScales(plan, x);
+}
+
 cublasStatus_t TryLaunch(DeviceState& dev, const Plan& plan, const cublasLtMatmulAlgo_t& algo, const Operands& x,
                          cudaStream_t stream) {
   const float alpha = 1.0f, beta = 0.0f;
-  SetBias(plan, x.bias);
-  SetScales(plan, x);
+  Bind(plan, x);
   return cublasLtMatmul(dev.handle, plan.desc, &alpha, x.b, plan.layout_a, x.a, plan.layout_b, &beta, x.out,
                         plan.layout_c, x.out, plan.layout_c, &algo, dev.workspace, kWorkspaceBytes, stream);
 }
@@ -355,6 +361,7 @@ void Run(const Problem& p, const Operands& x, int device_id) {
   if (found == dev.plans.end()) {
     TVM_FFI_CHECK(!capturing, RuntimeError) << "fxopt.cublaslt: a new GEMM shape inside a CUDA graph capture";
     Plan plan = MakePlan(p);
+    Bind(plan, x);
     plan.algo = Fastest(dev, plan, Candidates(dev, p, plan), x, stream);
     found = dev.plans.emplace(p.Key(), plan).first;
   }
