@@ -24,8 +24,10 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 	  echo "note: chromium is not installed; the HTML report's browser test will be skipped"
 
+# --max-worker-restart=0: a worker that dies in native code (an abort) fails the run at once; restarted
+# workers were seen to leave a loadfile run idle for good.
 test: setup browser
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider --durations=30 -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider --durations=30 -n 2 --dist loadfile --max-worker-restart=0
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HYPOTHESIS_PROFILE=slow $(PY) -m pytest -q -m slow
