@@ -31,7 +31,7 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 def bert_base(batch: int = 8, seq: int = 128):
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(attn_implementation="eager")
+    config = BertConfig(attn_implementation="sdpa")
     model = deterministic_init_(BertModel(config, add_pooling_layer=False)).eval()
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1000, config.vocab_size, (batch, seq), generator=gen)
@@ -41,7 +41,7 @@ def bert_base(batch: int = 8, seq: int = 128):
 def gpt2_small(batch: int = 8, seq: int = 128):
     from transformers import GPT2Config, GPT2Model
 
-    config = GPT2Config(attn_implementation="eager", use_cache=False)
+    config = GPT2Config(attn_implementation="sdpa", use_cache=False)
     model = deterministic_init_(GPT2Model(config)).eval()
     gen = torch.Generator().manual_seed(2)
     return model, (torch.randint(0, config.vocab_size, (batch, seq), generator=gen),)
@@ -50,7 +50,7 @@ def gpt2_small(batch: int = 8, seq: int = 128):
 def vit_base(batch: int = 8):
     from transformers import ViTConfig, ViTModel
 
-    config = ViTConfig(attn_implementation="eager")
+    config = ViTConfig(attn_implementation="sdpa")
     model = deterministic_init_(ViTModel(config, add_pooling_layer=False)).eval()
     gen = torch.Generator().manual_seed(3)
     return model, (torch.randn(batch, 3, 224, 224, generator=gen),)

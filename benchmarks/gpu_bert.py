@@ -53,7 +53,7 @@ def bert_tiny(batch: int = 2, seq: int = 16):
     from transformers import BertConfig, BertModel
 
     config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=1000, attn_implementation="eager")
+                        vocab_size=1000, attn_implementation="sdpa")
     model = deterministic_init_(BertModel(config, add_pooling_layer=False)).eval()
     gen = torch.Generator().manual_seed(1)
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -85,7 +85,7 @@ def git_rev() -> str:
 
 # ===================================================================== build
 def build(out_dir: str, models: List[str], cleanup: bool, target: str, arch: str, cuda_graph: bool,
-          no_cuda_graph_too: List[str], variants: List[str] = ()) -> dict:
+          no_cuda_graph_too: List[str], variants: List[str] = (), base: bool = True) -> dict:
     """Build each model's library (``<name>.so``); for the models in ``no_cuda_graph_too`` also ``<name>-nocg.so``."""
     import tvm
 
@@ -96,7 +96,7 @@ def build(out_dir: str, models: List[str], cleanup: bool, target: str, arch: str
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "models": {}}
     for name in models:
         print(f"[build] {name}: {SHAPES.get(name, '')}", flush=True)
-        entry = build_one(out_dir, name, name, cleanup, target, arch, cuda_graph)
+        entry = build_one(out_dir, name, name, cleanup, target, arch, cuda_graph) if base else {}
         entry["extra_libraries"] = []
         if cuda_graph and name in no_cuda_graph_too:
             extra = build_one(out_dir, name, f"{name}-nocg", cleanup, target, arch, False)
@@ -291,7 +291,7 @@ def run_model(bench: Bench, lib_dir: str, name: str, systems: List[str], profile
             fn = torch.compile(copy.deepcopy(model16), **({"mode": mode} if mode else {}))
             with torch.inference_mode():
                 t = time.perf_counter()
-                for _ in range(3):  # reduce-overhead records its CUDA graph on a later call
+                for _ in range(3):  # reduce-overhead and max-autotune record their CUDA graphs on a later call
                     out = fn(*inputs)
                 bench.sync()
                 compile_s = time.perf_counter() - t
@@ -311,12 +311,12 @@ def run_model(bench: Bench, lib_dir: str, name: str, systems: List[str], profile
     # ---- fxopt cuda: the TVM VM from the .so, weights from the state_dict by name (after the torch systems,
     # so that a crash inside TVM leaves their numbers saved)
     entry = bench.results["build"]["models"].get(name, {})
-    libraries = [(entry.get("library", f"{name}.so"), "TVM" + (", CUDA graphs" if entry.get("cuda_graph") else ""),
-                  "tvm_kernels")]
+    libraries = [(entry["library"], "TVM" + (", CUDA graphs" if entry.get("cuda_graph") else ""),
+                  "tvm_kernels")] if "library" in entry else []
     libraries += [(x["library"], f"TVM, {x['label']}", "tvm_kernels_" + x["library"].removesuffix(".so"))
                   for x in entry.get("extra_libraries", [])]
     for file_name, label, profile_key in sorted(libraries, key=lambda lib: "CUDA graphs" in lib[1]):
-        system = f"fxopt cuda fp16 ({label})"
+        system = f"fxopt cuda {'fp8' if 'quantize-fp8' in label else 'fp16'} ({label})"
 
         def fxopt_cuda(file_name=file_name, system=system, profile_key=profile_key):
             path = os.path.join(lib_dir, file_name)
@@ -350,6 +350,10 @@ def run_model(bench: Bench, lib_dir: str, name: str, systems: List[str], profile
                 bench.save()
 
         guarded("fxopt", system, fxopt_cuda)
+
+    # last: max-autotune's compile takes minutes, and a run cut short by its deadline keeps the rows above
+    guarded("max-autotune", "torch.compile max-autotune fp16",
+            compiled("max-autotune", "torch.compile max-autotune fp16"))
 
 
 def kernel_profile(fn: Callable, iters: int = 20, top: int = 25) -> dict:
@@ -506,11 +510,12 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cuda-graph", action="store_true")
     parser.add_argument("--variants", default="", help="extra libraries, ';'-separated <pipeline spec>+<matmul>, "
                         "e.g. 'fuse+mma;cleanup,fuse-attention+cublaslt'")
+    parser.add_argument("--no-base", action="store_true", help="build only the --variants libraries")
     parser.add_argument("--no-cuda-graph-too", default="bert", metavar="MODELS",
                         help="also build these models without CUDA graphs (<name>-nocg.so); '' for none")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: dry run of --run")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/out"))
-    parser.add_argument("--systems", default="fxopt,eager32,eager16,compile,reduce-overhead")
+    parser.add_argument("--systems", default="fxopt,eager32,eager16,compile,reduce-overhead,max-autotune")
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds; later work is skipped after it")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile-all", action="store_true", help="profile the kernels of every model, not the first")
@@ -521,7 +526,7 @@ def main(argv=None) -> None:
     if args.build:
         build(args.build, models or ["bert"], not args.no_cleanup, args.target, args.arch, not args.no_cuda_graph,
               args.no_cuda_graph_too.split(",") if args.no_cuda_graph_too else [],
-              [v for v in args.variants.split(";") if v])
+              [v for v in args.variants.split(";") if v], base=not args.no_base)
     else:
         run(args.run, args.out, args.device, models, args.systems.split(","), args.deadline, not args.no_profile,
             args.warmup_ms, args.rep_ms, args.profile_all)

@@ -69,38 +69,53 @@ def spectral_block():
     return SpectralBlock().eval(), (torch.randn(8, 128, 256),)
 
 
-MODELS = {"block": block, "bert-small": small_bert, "spectral-block": spectral_block}
+#: name -> (the model and its inputs, the cuda target's precision)
+MODELS = {"block": (block, "fp16"), "bert-small": (small_bert, "fp16"), "spectral-block": (spectral_block, "fp16"),
+          "block-fp8": (block, "fp8"), "bert-small-fp8": (small_bert, "fp8")}
 
 
-def build(out: str) -> None:
-    for name, make in MODELS.items():
+def last_hidden(out):
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+
+def build(out: str, names) -> None:
+    for name in names:
+        make, precision = MODELS[name]
         model, inputs = make()
-        optimized = fxopt.optimize(model, inputs, target="cuda")
+        optimized = fxopt.optimize(model, inputs, target="cuda", precision=precision)
         optimized.save(os.path.join(out, name))
         with torch.no_grad():
-            expected = model(*inputs)
-        expected = expected.last_hidden_state if hasattr(expected, "last_hidden_state") else expected
-        tensors = {f"input_{i}": x.contiguous() for i, x in enumerate(inputs)}
-        save_file({**tensors, "expected": expected.contiguous()}, os.path.join(out, f"{name}.io.safetensors"))
+            tensors = {f"input_{i}": x.contiguous() for i, x in enumerate(inputs)}
+            tensors["expected"] = last_hidden(model(*inputs)).contiguous()
+            if precision == "fp8":  # the same pipeline run by fxopt.linear_fp8's eager (reference) kernel
+                reference = fxopt.optimize(model, inputs, target="eager", progress=False,
+                                           passes=optimized.report()["pipeline"])
+                tensors["expected_fp8_eager"] = last_hidden(reference(*inputs)).float().contiguous()
+        save_file(tensors, os.path.join(out, f"{name}.io.safetensors"))
         print(json.dumps({"model": name, "build_s": optimized.report()["lowering"]["seconds"]}), flush=True)
 
 
-def check(directory: str) -> list:
+def relative(out, expected) -> float:
+    return ((out.float().cpu() - expected).norm() / expected.norm()).item()
+
+
+def check(directory: str, names, results: str) -> list:
     rows = []
-    for name in MODELS:
+    for name in names:
         io = load_file(os.path.join(directory, f"{name}.io.safetensors"))
         inputs = [io[k].cuda() for k in sorted(k for k in io if k.startswith("input_"))]
         loaded = fxopt.load(os.path.join(directory, name), allow_torch_mismatch=True)  # built under torch 2.13 here
         out = loaded(*inputs)
         out = out["last_hidden_state"] if isinstance(out, dict) else out
-        error = ((out.float().cpu() - io["expected"]).norm() / io["expected"].norm()).item()
         plan = getattr(loaded.runner, "plan", None)
-        rows.append({"model": name, "rel_err": error, "median_ms": median_ms(lambda: loaded(*inputs)),
+        rows.append({"model": name, "precision": MODELS[name][1], "rel_err": relative(out, io["expected"]),
+                     "rel_err_vs_eager_fp8": relative(out, io["expected_fp8_eager"]) if "expected_fp8_eager" in io
+                     else None, "median_ms": median_ms(lambda: loaded(*inputs)),
                      "shape": list(inputs[0].shape), "gpu": torch.cuda.get_device_name(),
                      "regions": len(plan.regions) if plan is not None else 1,
                      "in_pytorch": sorted(plan.fallback_ops()) if plan is not None else []})
         print(json.dumps(rows[-1]), flush=True)
-    write(rows)
+    write(rows, results)
     return rows
 
 
@@ -118,18 +133,21 @@ def median_ms(fn, warmup: int = 10, repeats: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def write(rows) -> None:
+def write(rows, path: str) -> None:
     lines = ["# optimize(target=\"cuda\") artifacts on the GPU machine", "",
              "Built on the CPU machine with `python benchmarks/gpu_cuda_target.py build --out build/cuda_target`, "
              "loaded and run in a fresh process on the GPU machine with `python3 benchmarks/gpu_cuda_target.py "
              "check --dir build/cuda_target` (runtime-only TVM, no model source). Latency includes fxopt's "
              "call path (input checks, DLPack), median of 50 after 10 warm-up calls.", "",
-             "| model | input | GPU | TVM regions | ops in PyTorch | rel err vs fp32 PyTorch | median ms |",
-             "|---|---|---|---:|---|---:|---:|"]
+             "fp8 rows: `optimize(target=\"cuda\", precision=\"fp8\")`; their second error is against the same "
+             "pipeline run in PyTorch on the CPU machine (fxopt.linear_fp8's eager kernel).", "",
+             "| model | precision | input | GPU | TVM regions | ops in PyTorch | rel err vs fp32 PyTorch | "
+             "rel err vs eager fp8 | median ms |",
+             "|---|---|---|---|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['shape']} | {r['gpu']} | {r['regions']} | "
-                     f"{', '.join(r['in_pytorch']) or '-'} | {r['rel_err']:.2e} | {r['median_ms']:.3f} |")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_cuda_target.md")
+        fp8 = "-" if r.get("rel_err_vs_eager_fp8") is None else f"{r['rel_err_vs_eager_fp8']:.2e}"
+        lines.append(f"| {r['model']} | {r['precision']} | {r['shape']} | {r['gpu']} | {r['regions']} | "
+                     f"{', '.join(r['in_pytorch']) or '-'} | {r['rel_err']:.2e} | {fp8} | {r['median_ms']:.3f} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -139,5 +157,9 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["build", "check"])
     parser.add_argument("--out", default="build/cuda_target")
     parser.add_argument("--dir", default="build/cuda_target")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                          "gpu_cuda_target.md"), help="check: the table's file")
     args = parser.parse_args()
-    build(args.out) if args.command == "build" else check(args.dir)
+    chosen = args.models.split(",")
+    build(args.out, chosen) if args.command == "build" else check(args.dir, chosen, args.results)

@@ -36,12 +36,14 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: Unio
              preset: Optional[str] = None, passes: Optional[Union[str, Pipeline]] = None,
              calibration_data: Optional[Iterable[Sequence[torch.Tensor]]] = None,
              tolerance: Optional[Union[float, Dict[str, float]]] = None, metric: Optional[Callable] = None,
-             progress: bool = True, options: Optional[Mapping[str, Any]] = None) -> OptimizedModel:
+             progress: bool = True, options: Optional[Mapping[str, Any]] = None,
+             precision: Optional[str] = None) -> OptimizedModel:
     """Capture ``model``, run the target's pipeline, build, lower. The model itself is never changed.
 
     ``target`` is a registered name (``fxopt.targets.registered_targets()``) with ``options`` for it, or a
     :class:`~fxopt.targets.Target` instance. ``preset`` picks one of the target's presets; ``passes`` replaces
-    its pipeline.
+    its pipeline. ``precision`` is the target's option of that name (``options={"precision": ...}``), for
+    example ``"fp8"`` on ``cuda``; a target without one refuses it, listing its options.
 
     With ``tolerance`` (``{"cosine": 0.99}``, ``{"max_rel_err": 0.01}``, or a float bound for ``metric``)
     it searches: every candidate the target offers is built, its fidelity measured on held-out calibration
@@ -54,6 +56,8 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: Unio
     file first (``fxopt.passes.infra.batches``).
     """
     with trimming_while_resident_grows():
+        if precision is not None:
+            options = {**(options or {}), "precision": precision}
         chosen_target = resolve_target(target, options)
         chosen_target.check_device()
         if passes is not None and preset is not None:

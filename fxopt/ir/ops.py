@@ -278,3 +278,48 @@ def _csr_linear_kernel(input, crow_indices, col_indices, values, out_features: i
 def _csr_linear_fake(input, crow_indices, col_indices, values, out_features, in_features, bias):
     _check_csr_linear(input, crow_indices, col_indices, values, out_features, in_features, bias)
     return input.new_empty((*input.shape[:-1], out_features))
+
+
+# ================================================================ fp8 linears
+# ``quantize-fp8`` makes ``aten.linear(x, w, b)`` one ``fxopt.linear_fp8(x, w, b)``: x quantized to
+# float8_e4m3fn per token (each row of the flattened [M, K] input, at run time) and w per output channel,
+# each row scaled so its absmax maps to 448, e4m3's largest finite value; the product of the dequantized
+# operands, plus the bias, in the input's dtype. The weight stays in float in the graph: the cuda backend
+# quantizes it once when the model's parameters are transformed at load time, with the same kernel (and the
+# same rounding) as the activations. This eager kernel is the reference the GPU path is tested against.
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+_LIBRARY.define("linear_fp8(Tensor input, Tensor weight, Tensor? bias) -> Tensor")
+
+
+def quantize_rows_fp8(rows: torch.Tensor):
+    """(e4m3 codes, float32 scale per row) of a 2-D tensor: scale = absmax / 448 (1 for a row of zeros), codes =
+    row / scale rounded to nearest even; bitwise what ``fxopt.fp8.quantize_rows`` computes on the GPU."""
+    rows = rows.float()
+    amax = rows.abs().amax(dim=-1)
+    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (rows / scales[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scales
+
+
+def _check_linear_fp8(input: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fxopt.linear_fp8: weight must be [out, in] with in = the input's last dimension; "
+                         f"got input {tuple(input.shape)}, weight {tuple(weight.shape)}")
+
+
+@torch.library.impl(_LIBRARY, "linear_fp8", "CompositeExplicitAutograd")
+def _linear_fp8_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_linear_fp8(input, weight)
+    x_codes, x_scales = quantize_rows_fp8(input.reshape(-1, input.shape[-1]))
+    w_codes, w_scales = quantize_rows_fp8(weight)
+    out = (x_codes.float() * x_scales[:, None]) @ (w_codes.float() * w_scales[:, None]).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(input.dtype).reshape(*input.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_fp8", lib=_LIBRARY)
+def _linear_fp8_fake(input, weight, bias):
+    _check_linear_fp8(input, weight)
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))

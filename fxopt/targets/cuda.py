@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from fxopt.errors import InputError
-from fxopt.targets.base import Preset, Target, say
+from fxopt.targets.base import Build, Preset, Target, say
 from fxopt.targets.registry import register_target
 
 #: The fastest measured on the H100 (benchmarks/results/gpu_bert_norm_act.md); epilogue fusion is TVM's.
@@ -19,7 +19,9 @@ CUDA_PRESETS = {"fast": Preset("cleanup,fuse-attention", "attention fused into f
 class CudaTarget(Target):
     name = "cuda"
     presets = CUDA_PRESETS
-    options = {"matmul": ("cublaslt", "default", "mma"), "dtype": ("float16", "float32")}
+    #: precision: "fp16" (GEMMs in float16, fp32 accumulation) or "fp8" (linears as e4m3 GEMMs, quantize-fp8)
+    options = {"matmul": ("cublaslt", "default", "mma"), "dtype": ("float16", "float32"),
+               "precision": ("fp16", "fp8")}
     #: the per-layer comparison would run the whole model on the CPU of a machine that may be only the builder
     reports_layer_error = False
 
@@ -27,6 +29,18 @@ class CudaTarget(Target):
         raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
                          "measure every candidate on the GPU; drop tolerance (cuda builds one float16 pipeline, "
                          "relative error ~1e-3 on BERT), or search with target='x86-int8'/'eager'")
+
+    def build(self, context):
+        """The pipeline's graph; for precision="fp8", with its linears made fp8 GEMMs (quantize-fp8)."""
+        if self.settings["precision"] == "fp16":
+            return Build(context.fused, context.pipeline, self.name)
+        if self.settings["matmul"] != "cublaslt":
+            raise InputError(f"optimize(target='cuda'): precision='fp8' runs on cuBLASLt's fp8 GEMM; drop "
+                             f"matmul={self.settings['matmul']!r} (the default, 'cublaslt', is needed)")
+        from fxopt.passes.quantize.fp8 import QuantizeFp8
+        say(context.progress, "fxopt cuda: linears to fp8 (e4m3; per-token activations, per-channel weights) ...")
+        step = QuantizeFp8()(context.fused)
+        return Build(step.graph, f"{context.pipeline},quantize-fp8", self.name, {"quantize": step.stats})
 
     def runs_here(self) -> bool:
         import torch
@@ -36,9 +50,13 @@ class CudaTarget(Target):
         from fxopt.backends.tvm_cuda import deploy
         say(progress, f"fxopt cuda: building with TVM and nvcc ({self.settings}) ...")
         started = time.perf_counter()
-        runner = deploy.build_target(graph, **self.settings)
+        runner = deploy.build_target(graph, **self.build_options())
         runner.build_seconds = round(time.perf_counter() - started, 1)
         return runner
+
+    def build_options(self):
+        """The settings the TVM build takes (precision is applied to the graph, by :meth:`build`)."""
+        return {key: value for key, value in self.settings.items() if key != "precision"}
 
     def lowering_report(self, runner):
         from fxopt.backends.tvm_cuda import deploy

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 E4M3 = torch.float8_e4m3fn
 FP8 = "fxopt.cublaslt.matmul_fp8"
 FP8_BIAS = "fxopt.cublaslt.matmul_fp8_bias"
+QUANTIZE_ROWS = "fxopt.fp8.quantize_rows"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,16 @@ BAD = {
     "on the CPU": (lambda x, w, xs, ws, out: (x, w, xs, ws, out), ValueError, "must be on the GPU"),
 }
 
+QUANTIZE_BAD = {
+    "x in int8": (lambda x, c, s: (x.to(torch.int8), c, s), TypeError, "x must be float16, bfloat16 or float32"),
+    "codes in float16": (lambda x, c, s: (x, c.half(), s), ValueError, "codes must be float8_e4m3fn"),
+    "scales in float16": (lambda x, c, s: (x, c, s.half()), ValueError, "scales must be float32"),
+    "5 scales for 6 rows": (lambda x, c, s: (x, c, s[:5].contiguous()), ValueError, "one element per row"),
+    "codes of another size": (lambda x, c, s: (x, c[:, :16].contiguous(), s), ValueError, "as many elements"),
+    "x transposed": (lambda x, c, s: (torch.zeros(32, 6).t(), c, s), ValueError, "must be contiguous"),
+    "on the CPU": (lambda x, c, s: (x, c, s), ValueError, "must be on the GPU"),
+}
+
 
 # In a subprocess: tests/backends/test_tvm_cuda_extension.py registers numpy stand-ins under the extension's
 # names in this process, and TVM aborts a process whose functions are registered twice.
@@ -69,13 +80,17 @@ CHECKS = """
 import json, sys
 import torch, tvm_ffi
 from fxopt.backends.tvm_cuda import extension
-from tests.backends.test_tvm_cuda_fp8 import BAD, FP8, FP8_BIAS, operands
+from tests.backends.test_tvm_cuda_fp8 import BAD, E4M3, FP8, FP8_BIAS, QUANTIZE_BAD, QUANTIZE_ROWS, operands
 extension.load_extension(sys.argv[1])
 fp8, fp8_bias = tvm_ffi.get_global_func(FP8), tvm_ffi.get_global_func(FP8_BIAS)
 raised = {}
 calls = {case: (lambda make=make: fp8(*make(*operands()))) for case, (make, _, _) in BAD.items()}
 x, w, xs, ws, out = operands()
 calls["bias of 15"] = lambda: fp8_bias(x, w, xs, ws, torch.zeros(15).half(), out)
+quantize = tvm_ffi.get_global_func(QUANTIZE_ROWS)
+for case, (make, _, _) in QUANTIZE_BAD.items():
+    calls["quantize: " + case] = lambda make=make: quantize(*make(torch.zeros(6, 32), torch.zeros(6, 32).to(E4M3),
+                                                                  torch.zeros(6)))
 for case, call in calls.items():
     try:
         call()
@@ -107,6 +122,41 @@ def test_fp8_gemm_refuses_bad_operands_with_a_clear_error(refusals, case):
 def test_fp8_bias_of_the_wrong_size_is_refused(refusals):
     kind, message = refusals["bias of 15"]
     assert kind == "ValueError" and "bias must be [N] in the dtype of out" in message, (kind, message)
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE_BAD))
+def test_row_quantizer_refuses_bad_operands_with_a_clear_error(refusals, case):
+    _, error, words = QUANTIZE_BAD[case]
+    kind, message = refusals["quantize: " + case]
+    assert kind == error.__name__ and re.search(words, message), (kind, message)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@examples(10)
+@given(m=st.integers(1, 300), k=st.sampled_from([16, 768, 3072, 4100]), seed=st.integers(0, 2**31))
+def test_row_quantizer_is_bitwise_the_eager_reference(fp8, quantizer, dtype, m, k, seed):
+    """Codes and scales bit for bit what fxopt.ops.quantize_rows_fp8 computes (IEEE divisions both ways), on
+    rows spanning 8 orders of magnitude (float16 holds them all), with a row of zeros and a row holding values above 448."""
+    from fxopt.ir.ops import quantize_rows_fp8
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, generator=gen, device="cuda") * 10.0 ** torch.randint(-4, 4, (m, 1), generator=gen,
+                                                                               device="cuda")
+    x[0] = 0.0
+    x[-1, :3] = torch.tensor([1e4, -3e3, 449.0])
+    x = x.to(dtype)
+    codes = torch.empty(m, k, device="cuda", dtype=E4M3)
+    scales = torch.empty(m, device="cuda")
+    quantizer(x, codes, scales)
+    expected_codes, expected_scales = quantize_rows_fp8(x)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def quantizer(fp8):
+    import tvm_ffi
+    return tvm_ffi.get_global_func(QUANTIZE_ROWS)
 
 
 @st.composite

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+from fxopt.backends.tvm_cuda.convert_fp8 import LINEAR_FP8, linear_fp8
 from fxopt.backends.tvm_cuda.sparse import csr_linear_densified
 
 
@@ -283,6 +284,7 @@ def _dequantize_int4_grouped(node, importer):
 #: Converters for every fxopt op the CUDA backend can lower, and fixes of stock ATen converters.
 FXOPT_CONVERTERS: Dict[str, Callable] = {
     "linear_act.default": _linear_act,
+    LINEAR_FP8: linear_fp8,  # convert_fp8.py: cuBLASLt's fp8 GEMM (matmul="cublaslt" builds only)
     "conv_act.default": _conv_act,
     "fused_gelu.default": _fused_gelu,
     "cumsum.default": _cumsum,

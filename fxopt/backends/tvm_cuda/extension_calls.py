@@ -3,7 +3,7 @@
 Each is called with ``R.call_dps_packed(name, [inputs..., scalars...], out_ty)``:
 the outputs come last, allocated by TVM (destination-passing style). The
 kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
-(``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``)::
+(``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``, ``fp8_quantize.cu``)::
 
     fxopt.cublaslt.matmul(a, b, out)                      a [.., K] @ b [K, N] or batched [B, M, K] @ [B, K, N]
     fxopt.cublaslt.matmul_bias(a, b, bias[N], out)        + bias in the fp32 epilogue
@@ -11,11 +11,16 @@ kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
     fxopt.[add_]layer_norm(x, [residual,] gamma, beta, eps, out)      fp32 statistics
     fxopt.add_layer_norm_sum(x, residual, gamma, beta, eps, out, sum)
     fxopt.gelu(x, out), fxopt.gelu_tanh(x, out)                       fp32 math, fp16 in and out
+    fxopt.fp8.quantize_rows(x, codes, scales)             e4m3 codes and a float32 scale per row of x
+    fxopt.cublaslt.matmul_fp8[_bias](xq, wq, xs, ws, [bias,] out)    xq [.., K] @ wq[N, K]^T, scaled, fp8
 """
 from __future__ import annotations
 
 GEMM = "fxopt.cublaslt.matmul"
 GEMM_BIAS = "fxopt.cublaslt.matmul_bias"
+FP8_GEMM = "fxopt.cublaslt.matmul_fp8"
+FP8_GEMM_BIAS = "fxopt.cublaslt.matmul_fp8_bias"
+FP8_QUANTIZE_ROWS = "fxopt.fp8.quantize_rows"
 ATTENTION = "fxopt.attention"
 ATTENTION_BIAS = "fxopt.attention_bias"
 LAYER_NORM = "fxopt.layer_norm"

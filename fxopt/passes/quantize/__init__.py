@@ -1,10 +1,11 @@
 """Quantization: observers, calibration (``fxopt.calibrate``) and the quantization passes
-(insert-qdq, smooth-quant, mixed-precision)."""
+(insert-qdq, smooth-quant, mixed-precision, quantize-fp8)."""
 from fxopt.passes.quantize.calibrate import activation_inputs, calibrate, quantizable_ops
 from fxopt.passes.quantize.insert_qdq import InsertQDQ
 from fxopt.passes.quantize.smooth_quant import SmoothQuant, calibrate_smoothed
 from fxopt.passes.quantize.to_half import ToBFloat16, ToHalf
 from fxopt.passes.quantize.half_weights import HalfWeights
+from fxopt.passes.quantize.fp8 import QuantizeFp8
 from fxopt.passes.quantize.mixed_precision import MixedPrecision, choose_float_layers, sensitivity
 from fxopt.passes.quantize.observers import (
     OBSERVERS, QDTYPES, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, Observer, PercentileObserver,
@@ -15,6 +16,6 @@ __all__ = [
     "calibrate", "activation_inputs", "quantizable_ops", "InsertQDQ", "Observer", "MinMaxObserver",
     "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver", "OBSERVERS", "QDTYPES", "make_observer",
     "qparams_from_range", "fake_quantize", "SmoothQuant", "calibrate_smoothed",
-    "ToHalf", "ToBFloat16", "HalfWeights",
+    "ToHalf", "ToBFloat16", "HalfWeights", "QuantizeFp8",
     "MixedPrecision", "sensitivity", "choose_float_layers",
 ]
