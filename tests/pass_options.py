@@ -112,6 +112,7 @@ OPTIONS: Dict[str, Callable] = {
                                                              across_layers=st.booleans(),
                                                              epsilon=st.sampled_from([1e-3, 0.5]))),
     "half-weights": lambda n: options(max_abs=st.sampled_from([60000.0, 1.0, 0.1])),
+    "quantize-fp8": lambda n: options(**skip_option(n.quantizable)),
     "to-half": lambda n: options(keep_fp32=subsets(tuple(FP32_GROUPS), min_size=0)),
     "to-bfloat16": lambda n: options(keep_fp32=subsets(tuple(FP32_GROUPS), min_size=0)),
     "insert-qdq": insert_qdq_options,

@@ -84,6 +84,11 @@ class Probe:
     def _rounding(self, dtype: torch.dtype) -> float:
         return self._rounded(lambda t: t.to(dtype).float())
 
+    def perturbation(self, dtype: torch.dtype) -> float:
+        """The RMS output error of random relative perturbations of weights and inputs at ``dtype``'s unit
+        roundoff (quantize-fp8: e4m3 scales each row, so its rounding is relative, like this)."""
+        return self.measured(("perturbation", dtype), lambda: self._jitter(dtype))
+
     def _jitter(self, dtype: torch.dtype) -> float:
         unit = torch.finfo(dtype).eps / 2
         errors = []
@@ -144,7 +149,8 @@ class NoisyRun(fx.Interpreter):
 class Bound:
     """A pass's allowed relative output error, given its options, what it reported and the model's probe.
 
-    ``kind``: ``exact`` (the harness's per-dtype tolerance), ``rounding`` (fp16/bf16), ``int8`` (Q/DQ noise),
+    ``kind``: ``exact`` (the harness's per-dtype tolerance), ``rounding`` (fp16/bf16), ``perturbation`` (fp8:
+    relative noise at the dtype's unit roundoff), ``int8`` (Q/DQ noise),
     ``own`` (the pass's ``tolerance`` option), ``unbounded`` (no bound: runnable/shape/finite only).
     ``exact_if(pass, stats)`` names the options or outcomes under which a lossy pass must be exact.
     """
@@ -161,6 +167,8 @@ class Bound:
             return exact
         if self.kind == "rounding":
             return max(TOLERANCE[self.dtype] if self.floor else exact, SENSITIVITY_FACTOR * probe.rounding(self.dtype))
+        if self.kind == "perturbation":
+            return exact + SENSITIVITY_FACTOR * probe.perturbation(self.dtype)
         if self.kind == "int8":
             levels, activations = quantization_levels(pass_)
             return exact + SENSITIVITY_FACTOR * probe.quantization_noise(levels, activations)
@@ -203,6 +211,8 @@ TOLERANCES: Dict[str, Bound] = {
     # dtype (fp16 2e-3, bf16 1e-2).
     "half-weights": Bound("rounding", torch.float16, floor=False),
     "to-half": Bound("rounding", torch.float16),
+    # e4m3 codes of rows scaled to their absmax: relative rounding at 2^-4 of linear inputs and weights
+    "quantize-fp8": Bound("perturbation", torch.float8_e4m3fn),
     "to-bfloat16": Bound("rounding", torch.bfloat16),
     # int8 (and int7/int4) Q/DQ: SENSITIVITY_FACTOR x the error of NoisyRun, which adds half a quantization step
     # of uniform noise wherever insert-qdq rounds. Calibrated on the very inputs checked, nothing is clipped.

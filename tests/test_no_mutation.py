@@ -123,6 +123,7 @@ PASS_CASES: Dict[str, PassCase] = {
     "share-params": PassCase("share-params", block_case),
     "smooth-quant": PassCase("smooth-quant{alpha=0.8}", block_case, calibrate=True),
     "half-weights": PassCase("half-weights", block_case),
+    "quantize-fp8": PassCase("quantize-fp8", block_case),
     "to-half": PassCase("to-half", block_case),
     "to-bfloat16": PassCase("to-bfloat16", block_case),
     "insert-qdq": PassCase("insert-qdq{scheme=static,method=gptq}", block_case, calibrate=True),

@@ -298,7 +298,8 @@ def quantize_rows_fp8(rows: torch.Tensor):
     row / scale rounded to nearest even; bitwise what ``fxopt.fp8.quantize_rows`` computes on the GPU."""
     rows = rows.float()
     amax = rows.abs().amax(dim=-1)
-    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its reciprocal (1 ulp apart)
+    scales = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     return (rows / scales[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scales
 
 

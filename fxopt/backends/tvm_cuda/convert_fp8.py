@@ -2,7 +2,7 @@
 cuBLASLt's fp8 GEMM, all calls into fxopt's CUDA extension::
 
     x16 = astype(x, float16)                                         (a no-op cast where x is float16)
-    xq, xs = fxopt.fp8.quantize_rows(x16)          per token, on every call
+    xq, xs = fxopt.fp8.quantize_rows(x16)          per token, on every call; once per input (q, k, v share it)
     wq, ws = fxopt.fp8.quantize_rows(weight)       per output channel, from the float32 parameter: it reads
                                                    parameters only, so LiftTransformParams moves it (and the
                                                    bias cast) into main_transform_params, run once at load
@@ -46,8 +46,12 @@ def linear_fp8(node, importer):
     if x_shape is None or w_shape is None:
         raise LoweringError(f"tvm-cuda: {node.name} (fxopt.linear_fp8) needs static shapes, got input "
                             f"{x_shape} and weight {w_shape}")
-    x16 = x if dtype_of(x) == "float16" else bb.emit(relax.op.astype(x, "float16"))
-    x_codes, x_scales = _quantized_rows(bb, x16, x_shape)
+    # linears reading one input (q, k and v) share its quantization: one kernel, not one per linear
+    done = importer.__dict__.setdefault("_fxopt_fp8_rows", {})
+    if x not in done:
+        x16 = x if dtype_of(x) == "float16" else bb.emit(relax.op.astype(x, "float16"))
+        done[x] = _quantized_rows(bb, x16, x_shape)
+    x_codes, x_scales = done[x]
     w_codes, w_scales = _quantized_rows(bb, weight, w_shape)
     out_ty = relax.TensorType([*x_shape[:-1], w_shape[0]], "float16")
     if bias is None:

@@ -1,0 +1,82 @@
+"""precision="fp8" on the cuda target, on the CPU machine: what the Relax module calls, the build, the artifact.
+
+The numbers are checked on the GPU machine: tests/backends/test_tvm_cuda_fp8.py (kernels) and
+benchmarks/gpu_cuda_target.py (artifacts against the eager fp8 pipeline, benchmarks/results/gpu_cuda_target.md).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.errors import InputError, LoweringError
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the CUDA extension")
+
+
+class Qkv(torch.nn.Module):
+    """Three linears reading one input, a GELU FFN, and a linear cuBLASLt's fp8 GEMM cannot take (10 outputs)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = x + self.q(x) * self.k(x) - self.v(x)
+        return self.head(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+
+def relax_calls(graph):
+    from fxopt.backends.tvm_cuda.lower import prepare
+    mod, _ = prepare(graph, "float16", keep_params_as_input=True, fused_attention=True)
+    main, lifted = mod["main"].script(), mod["main_transform_params"].script()
+    return main, lifted
+
+
+def test_fp8_linears_become_extension_calls_with_weights_quantized_at_load():
+    graph = fxopt.capture(Qkv().eval(), (torch.randn(4, 8, 32),))
+    quantized = fxopt.Pipeline("quantize-fp8")(graph)
+    assert quantized.results[0].stats == {"linears": 5, "skipped": 1}
+    main, lifted = relax_calls(quantized.graph)
+    # q, k and v read x: one quantization of it; up's and down's inputs one each
+    assert main.count("fxopt.fp8.quantize_rows") == 3
+    assert main.count("fxopt.cublaslt.matmul_fp8_bias") == 5
+    # the five weights are quantized in main_transform_params (run once at load), never per call
+    assert lifted.count("fxopt.fp8.quantize_rows") == 5 and "float8_e4m3fn" in lifted
+    assert main.count("fxopt.cublaslt.matmul(") + main.count("fxopt.cublaslt.matmul_bias") == 1  # the head, fp16
+
+
+def test_fp8_needs_cublaslt_and_says_so():
+    from fxopt.backends.tvm_cuda.lower import build
+    graph = fxopt.Pipeline("quantize-fp8")(fxopt.capture(Qkv().eval(), (torch.randn(4, 32),))).graph
+    with pytest.raises(LoweringError, match=r"fp8 linears \(linear, linear_1, .*\) need matmul='cublaslt'"):
+        build(graph, matmul="default", compile_kernels=False)
+    with pytest.raises(InputError, match="precision='fp8' runs on cuBLASLt's fp8 GEMM; drop matmul='default'"):
+        fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="fp8",
+                       options={"matmul": "default"}, progress=False)
+
+
+def test_precision_is_an_option_of_the_target():
+    with pytest.raises(InputError, match="target 'x86-int8': unknown option 'precision'; its options: compile"):
+        fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="x86-int8", precision="fp8", progress=False)
+    with pytest.raises(InputError, match=r"precision.*'fp16', 'fp8'"):
+        fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int3", progress=False)
+
+
+def test_the_fp8_artifact_records_its_precision_and_loads(tmp_path):
+    model = Qkv().eval()
+    optimized = fxopt.optimize(model, (torch.randn(4, 32),), target="cuda", precision="fp8", progress=False)
+    assert optimized.report()["lowering"]["precision"] == "fp8"
+    assert optimized.pipeline.endswith(",quantize-fp8")
+    directory = optimized.save(tmp_path / "fp8")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["extra"]["report"]["lowering"]["precision"] == "fp8"
+    loaded = fxopt.load(directory)
+    assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_fp8.default)) == 5
+    assert set(loaded.graph.params()) <= set(model.state_dict())  # weights stay float, under their own names
