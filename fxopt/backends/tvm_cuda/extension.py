@@ -36,7 +36,7 @@ from typing import Dict, List
 from fxopt.errors import ArtifactError, LoweringError
 
 HERE = os.path.dirname(__file__)
-SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu", "fp8_quantize.cu")]
+SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu", "fp8_quantize.cu", "int4_gemm.cu")]
 #: Headers the sources include: part of the cache key, not compiled on their own
 HEADERS = [os.path.join(HERE, "attention_kernel.cuh")]
 EXTENSION_NAME = "libfxopt_cuda_ext.so"

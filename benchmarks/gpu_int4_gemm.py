@@ -1,0 +1,103 @@
+"""fxopt's weight-only int4 GEMM (``fxopt.int4.linear``) against fp16 cuBLAS and torch's int4 kernel, few rows.
+
+    # here: build the extension (nvcc, no GPU) and copy it into the tree that travels
+    .venv/bin/python -c "from fxopt.backends.tvm_cuda import extension; print(extension.extension_path())"
+    mkdir -p build/kernel_tests_lib && cp <that path> build/kernel_tests_lib/
+    # on the GPU machine (carry .tvm and build/kernel_tests_lib):
+    source .tvm/setup.sh && export PYTHONPATH=$PWD:$PYTHONPATH && \\
+        python3 benchmarks/gpu_int4_gemm.py --extension build/kernel_tests_lib/libfxopt_cuda_ext.so --json $OUT/int4.json
+
+Issue 22's bar: M = 1 to 16 rows, K = N = 4096, at least 2.5x faster than the fp16 cuBLAS GEMM. Also a Llama-8B
+MLP shape. In one process, each timed with ``triton.testing.do_bench`` (median): torch fp16 ``F.linear``
+(cuBLAS), torch's own int4 kernel ``torch._weight_int4pack_mm`` (tinygemm, what gpt-fast and torchao's int4
+weight-only use) where this torch has it, and fxopt's kernel with group size 128 (symmetric). Each int4 result
+is checked against fp32 math on the dequantized weight (relative Frobenius error).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = [("4096 x 4096", 4096, 4096), ("llama-8b up (14336 x 4096)", 14336, 4096),
+          ("llama-8b down (4096 x 14336)", 4096, 14336)]
+ROWS = (1, 2, 4, 8, 16)
+GROUP = 128
+
+
+def relative_error(out, reference) -> float:
+    return float((out.float() - reference).norm() / reference.norm())
+
+
+def tinygemm(x, codes, scales, group):
+    """torch._weight_int4pack_mm on the same weight: it computes w = (q - 8) * scale + zero per group, with q the
+    nibble (our code + 8) and zero 0 here; packed as gpt-fast packs it (even column in the high nibble)."""
+    packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+    scales_and_zeros = torch.stack([scales.T, torch.zeros_like(scales.T)], dim=-1).to(torch.bfloat16).contiguous()
+    return lambda: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, group, scales_and_zeros)
+
+
+def one(linear, m: int, n: int, k: int) -> dict:
+    from triton.testing import do_bench
+
+    from fxopt.ir.ops import INT4_OFFSET
+    gen = torch.Generator(device="cuda").manual_seed(m * 7 + n + k)
+    x = torch.randn(m, k, generator=gen, device="cuda").half()
+    codes = torch.randint(0, 16, (n, k), generator=gen, device="cuda", dtype=torch.uint8)  # nibbles: code + 8
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    scales = (torch.rand(n, k // GROUP, generator=gen, device="cuda") + 0.5) / (8 * k ** 0.5)
+    weight = ((codes.float() - INT4_OFFSET).reshape(n, -1, GROUP) * scales[..., None]).reshape(n, k)
+    reference = x.float() @ weight.T
+    w16 = weight.half()
+    row = {"m": m, "n": n, "k": k}
+    row["fp16_ms"] = do_bench(lambda: torch.nn.functional.linear(x, w16), return_mode="median")
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    linear(x, packed, scales, out)
+    row["fxopt_int4_err"] = relative_error(out, reference)
+    row["fxopt_int4_ms"] = do_bench(lambda: linear(x, packed, scales, out), return_mode="median")
+    try:
+        call = tinygemm(x, codes, scales, GROUP)
+        row["tinygemm_err"] = relative_error(call(), reference)  # bf16 activations: ~4e-3 expected
+        row["tinygemm_ms"] = do_bench(call, return_mode="median")
+    except Exception as exc:  # recorded: a torch without it, or another packing
+        row["tinygemm"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--extension", required=True, help="a built libfxopt_cuda_ext.so")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    import tvm_ffi
+
+    from fxopt.backends.tvm_cuda import extension
+    extension.load_extension(args.extension)
+    linear = tvm_ffi.get_global_func("fxopt.int4.linear")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'shape':30s} {'M':>3s} {'fp16 us':>8s} {'int4 us':>8s} {'x fp16':>7s} {'tinygemm us':>11s} {'err':>9s}")
+    rows = []
+    for name, n, k in SHAPES:
+        for m in ROWS:
+            row = {"shape": name, **one(linear, m, n, k)}
+            rows.append(row)
+            tiny = row.get("tinygemm_ms")
+            print(f"{name:30s} {m:3d} {row['fp16_ms'] * 1e3:8.1f} {row['fxopt_int4_ms'] * 1e3:8.1f} "
+                  f"{row['fp16_ms'] / row['fxopt_int4_ms']:7.2f} {'-' if tiny is None else f'{tiny * 1e3:.1f}':>11s} "
+                  f"{row['fxopt_int4_err']:9.2e}", flush=True)
+    for row in rows:
+        if "tinygemm" in row:
+            print("tinygemm:", row["tinygemm"])
+            break
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+// fxopt's weight-only int4 GEMM for few rows (decode): dequantize in registers, multiply, never write the weight.
+//
+//   fxopt.int4.linear(x, packed, scales, out)               out = x @ dequantize(packed, scales)^T
+//   fxopt.int4.linear_zp(x, packed, scales, zeros, out)     with a zero point per group
+// x [..., K] float16 with M = its rows, 1 to 16; packed uint8 [N, K / 2] in fxopt's int4 layout (column 2j in
+// the low nibble of byte j, 2j + 1 in the high one, each nibble the code + 8: fxopt.ir.ops.INT4_OFFSET);
+// scales float32 [N, K / G] and zeros int8 [N, K / G] for groups of G consecutive columns, G a multiple of 32;
+// out float16 [..., N]. w[n, k] = (code - zero) * scale, as fxopt.dequantize_int4_grouped computes it.
+//
+// At M <= 16 the GEMM is memory-bound on the weight: int4 reads a quarter of fp16's bytes. A block of 8 warps
+// stages x in shared memory (M * K * 2 bytes) and each warp computes kRows output columns: every lane streams
+// 16-byte words of packed codes (32 weights, one group) for its rows, kUnroll words at once so enough loads are
+// in flight, dequantizes them in registers and accumulates M dot products in fp32; a warp shuffle sums the lanes.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/reflection/registry.h>
+
+#include <cstdint>
+
+namespace fxopt_int4 {
+
+using tvm::ffi::TensorView;
+
+constexpr int kWarps = 8;
+constexpr int kRows = 4;    // output columns (weight rows) a warp computes
+constexpr int kUnroll = 2;  // 16-byte words a lane loads per row before it computes
+constexpr int kMaxM = 16;
+constexpr int kOffset = 8;  // a nibble is the code + 8
+
+struct Int4Params {
+  const half* x;
+  const uint4* packed;  // [N, K / 32] words of 32 codes
+  const float* scales;  // [N, K / G]
+  const int8_t* zeros;  // [N, K / G] or null
+  half* out;
+  int n, k, group;
+};
+
+// acc[m] += sum over the word's 32 columns of w * x[m]
+template <int kM>
+__device__ __forceinline__ void Accumulate(uint4 word, float scale, float zero, const half* x_smem, int k, int col,
+                                           float (&acc)[kM]) {
+  const uint32_t parts[4] = {word.x, word.y, word.z, word.w};
+  float w[32];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = (parts[p] >> (8 * b)) & 0xFFu;
+      w[p * 8 + 2 * b] = (static_cast<float>(byte & 0xFu) - kOffset - zero) * scale;
+      w[p * 8 + 2 * b + 1] = (static_cast<float>(byte >> 4) - kOffset - zero) * scale;
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    const half2* xs = reinterpret_cast<const half2*>(x_smem + static_cast<int64_t>(m) * k + col);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 v = __half22float2(xs[j]);
+      sum = fmaf(w[2 * j], v.x, fmaf(w[2 * j + 1], v.y, sum));
+    }
+    acc[m] += sum;
+  }
+}
+
+template <int kM>
+__global__ void __launch_bounds__(32 * kWarps) Int4Linear(Int4Params p) {
+  extern __shared__ uint4 x_words[];
+  const int words_x = kM * p.k / 8;
+  for (int i = threadIdx.x; i < words_x; i += blockDim.x) x_words[i] = reinterpret_cast<const uint4*>(p.x)[i];
+  __syncthreads();
+  const half* x_smem = reinterpret_cast<const half*>(x_words);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int first_row = (blockIdx.x * kWarps + warp) * kRows;
+  const int words = p.k / 32, groups = p.k / p.group;
+  float acc[kRows][kM];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int m = 0; m < kM; ++m) acc[r][m] = 0.f;
+  for (int base = lane; base < words; base += 32 * kUnroll) {
+    uint4 loaded[kRows][kUnroll];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int word = base + 32 * u, row = first_row + r;
+        if (word < words && row < p.n) loaded[r][u] = p.packed[static_cast<int64_t>(row) * words + word];
+      }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int word = base + 32 * u, row = first_row + r;
+        if (word < words && row < p.n) {
+          const int64_t g = static_cast<int64_t>(row) * groups + (word * 32) / p.group;
+          const float zero = p.zeros != nullptr ? static_cast<float>(p.zeros[g]) : 0.f;
+          Accumulate<kM>(loaded[r][u], p.scales[g], zero, x_smem, p.k, word * 32, acc[r]);
+        }
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int row = first_row + r;
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (lane == 0 && row < p.n) p.out[static_cast<int64_t>(m) * p.n + row] = __float2half_rn(v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ host
+void Check(bool ok, const char* message) {
+  if (!ok) TVM_FFI_THROW(ValueError) << "fxopt.int4.linear: " << message;
+}
+
+bool Is(const TensorView& t, DLDataTypeCode code, int bits) {
+  return t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1;
+}
+
+void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
+template <int kM>
+void Launch(const Int4Params& p, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(kM) * p.k * sizeof(half);
+  if (smem > 48 * 1024) {
+    cudaFuncSetAttribute(Int4Linear<kM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  }
+  const int rows_per_block = kWarps * kRows;
+  const unsigned blocks = static_cast<unsigned>((p.n + rows_per_block - 1) / rows_per_block);
+  Int4Linear<kM><<<blocks, 32 * kWarps, smem, stream>>>(p);
+}
+
+template <int kM = 1>
+void Dispatch(int m, const Int4Params& p, cudaStream_t stream) {
+  if constexpr (kM > kMaxM) {
+    return;
+  } else {
+    if (m == kM) return Launch<kM>(p, stream);
+    Dispatch<kM + 1>(m, p, stream);
+  }
+}
+
+void Int4LinearLaunch(const TensorView& x, const TensorView& packed, const TensorView& scales,
+                      const TensorView* zeros, const TensorView& out) {
+  TVM_FFI_CHECK(Is(x, kDLFloat, 16) && Is(out, kDLFloat, 16), TypeError)
+      << "fxopt.int4.linear: x and out must be float16";
+  TVM_FFI_CHECK(Is(packed, kDLUInt, 8) && Is(scales, kDLFloat, 32) && (!zeros || Is(*zeros, kDLInt, 8)), TypeError)
+      << "fxopt.int4.linear: packed must be uint8, scales float32 and zeros int8";
+  Check(x.ndim() >= 1 && packed.ndim() == 2 && scales.ndim() == 2, "x must be [..., K], packed [N, K/2], scales 2-D");
+  const int64_t k = x.shape()[x.ndim() - 1], n = packed.shape()[0];
+  Check(packed.shape()[1] * 2 == k, "packed must be [N, K/2] for x [..., K]");
+  Check(k % 32 == 0, "K must be a multiple of 32");
+  const int64_t groups = scales.shape()[1];
+  Check(scales.shape()[0] == n && groups > 0 && k % groups == 0 && (k / groups) % 32 == 0,
+        "scales must be [N, K/G] with the group size G a multiple of 32");
+  Check(!zeros || (zeros->ndim() == 2 && zeros->shape()[0] == n && zeros->shape()[1] == groups),
+        "zeros must be shaped like scales");
+  const int64_t m = x.numel() / k;
+  Check(m >= 1 && m <= kMaxM, "x must have 1 to 16 rows (larger M: dequantize and use a GEMM)");
+  Check(out.numel() == m * n, "out must have M * N elements");
+  Check(x.IsContiguous() && packed.IsContiguous() && scales.IsContiguous() && out.IsContiguous() &&
+            (!zeros || zeros->IsContiguous()),
+        "tensors must be contiguous");
+  Check(reinterpret_cast<uintptr_t>(DataPtr(x)) % 16 == 0 && reinterpret_cast<uintptr_t>(DataPtr(packed)) % 16 == 0,
+        "x and packed must be 16-byte aligned");
+  Check(x.device().device_type == kDLCUDA, "tensors must be on the GPU");
+  Int4Params p{static_cast<const half*>(DataPtr(x)), static_cast<const uint4*>(DataPtr(packed)),
+               static_cast<const float*>(DataPtr(scales)), zeros ? static_cast<const int8_t*>(DataPtr(*zeros)) : nullptr,
+               static_cast<half*>(DataPtr(out)), static_cast<int>(n), static_cast<int>(k),
+               static_cast<int>(k / groups)};
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
+  Dispatch(static_cast<int>(m), p, stream);
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << "fxopt.int4.linear: launch failed: " << cudaGetErrorString(status);
+  }
+}
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  namespace refl = tvm::ffi::reflection;
+  refl::GlobalDef()
+      .def("fxopt.int4.linear", [](TensorView x, TensorView packed, TensorView scales,
+                                   TensorView out) { Int4LinearLaunch(x, packed, scales, nullptr, out); })
+      .def("fxopt.int4.linear_zp", [](TensorView x, TensorView packed, TensorView scales, TensorView zeros,
+                                      TensorView out) { Int4LinearLaunch(x, packed, scales, &zeros, out); });
+}
+
+}  // namespace fxopt_int4
