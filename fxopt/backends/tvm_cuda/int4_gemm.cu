@@ -36,7 +36,7 @@ struct Int4Params {
   const float* scales;  // [N, K / G]
   const int8_t* zeros;  // [N, K / G] or null
   half* out;
-  int n, k, group;
+  int m, n, k, group;  // m <= kM of the kernel: rows from m on are zeros in shared memory and not written
 };
 
 // acc[m] += sum over the word's 32 columns of w * x[m]
@@ -70,8 +70,10 @@ __device__ __forceinline__ void Accumulate(uint4 word, float scale, float zero, 
 template <int kM>
 __global__ void __launch_bounds__(32 * kWarps) Int4Linear(Int4Params p) {
   extern __shared__ uint4 x_words[];
-  const int words_x = kM * p.k / 8;
-  for (int i = threadIdx.x; i < words_x; i += blockDim.x) x_words[i] = reinterpret_cast<const uint4*>(p.x)[i];
+  const int words_x = p.m * p.k / 8;
+  for (int i = threadIdx.x; i < kM * p.k / 8; i += blockDim.x) {
+    x_words[i] = i < words_x ? reinterpret_cast<const uint4*>(p.x)[i] : make_uint4(0, 0, 0, 0);
+  }
   __syncthreads();
   const half* x_smem = reinterpret_cast<const half*>(x_words);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(32 * kWarps) Int4Linear(Int4Params p) {
       float v = acc[r][m];
 #pragma unroll
       for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-      if (lane == 0 && row < p.n) p.out[static_cast<int64_t>(m) * p.n + row] = __float2half_rn(v);
+      if (lane == 0 && row < p.n && m < p.m) p.out[static_cast<int64_t>(m) * p.n + row] = __float2half_rn(v);
     }
   }
 }
@@ -138,14 +140,13 @@ void Launch(const Int4Params& p, cudaStream_t stream) {
   Int4Linear<kM><<<blocks, 32 * kWarps, smem, stream>>>(p);
 }
 
-template <int kM = 1>
-void Dispatch(int m, const Int4Params& p, cudaStream_t stream) {
-  if constexpr (kM > kMaxM) {
-    return;
-  } else {
-    if (m == kM) return Launch<kM>(p, stream);
-    Dispatch<kM + 1>(m, p, stream);
-  }
+// Kernels for 1, 2, 4, 8 and 16 rows; M rounds up to the next (its extra rows are zeros, never written).
+void Dispatch(const Int4Params& p, cudaStream_t stream) {
+  if (p.m == 1) return Launch<1>(p, stream);
+  if (p.m == 2) return Launch<2>(p, stream);
+  if (p.m <= 4) return Launch<4>(p, stream);
+  if (p.m <= 8) return Launch<8>(p, stream);
+  Launch<16>(p, stream);
 }
 
 void Int4LinearLaunch(const TensorView& x, const TensorView& packed, const TensorView& scales,
@@ -174,10 +175,10 @@ void Int4LinearLaunch(const TensorView& x, const TensorView& packed, const Tenso
   Check(x.device().device_type == kDLCUDA, "tensors must be on the GPU");
   Int4Params p{static_cast<const half*>(DataPtr(x)), static_cast<const uint4*>(DataPtr(packed)),
                static_cast<const float*>(DataPtr(scales)), zeros ? static_cast<const int8_t*>(DataPtr(*zeros)) : nullptr,
-               static_cast<half*>(DataPtr(out)), static_cast<int>(n), static_cast<int>(k),
+               static_cast<half*>(DataPtr(out)), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
                static_cast<int>(k / groups)};
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
-  Dispatch(static_cast<int>(m), p, stream);
+  Dispatch(p, stream);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
     TVM_FFI_THROW(RuntimeError) << "fxopt.int4.linear: launch failed: " << cudaGetErrorString(status);
