@@ -213,6 +213,7 @@ TOLERANCES: Dict[str, Bound] = {
     "to-half": Bound("rounding", torch.float16),
     # e4m3 codes of rows scaled to their absmax: relative rounding at 2^-4 of linear inputs and weights
     "quantize-fp8": Bound("perturbation", torch.float8_e4m3fn),
+    "int4-linear": Bound("exact"),  # the same dequantize and linear, as one op
     "to-bfloat16": Bound("rounding", torch.bfloat16),
     # int8 (and int7/int4) Q/DQ: SENSITIVITY_FACTOR x the error of NoisyRun, which adds half a quantization step
     # of uniform noise wherever insert-qdq rounds. Calibrated on the very inputs checked, nothing is clipped.

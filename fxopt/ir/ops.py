@@ -324,3 +324,23 @@ def _linear_fp8_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional
 def _linear_fp8_fake(input, weight, bias):
     _check_linear_fp8(input, weight)
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+# ============================================================ int4 weight-only linears
+# ``int4-linear`` makes ``aten.linear(x, dequantize_int4_grouped(packed, scales, zero_points, G), b)`` one
+# ``fxopt.linear_int4``: the same math, as one op a backend can hand to a kernel that dequantizes in registers
+# (the cuda backend's ``fxopt.int4.linear`` for up to 16 rows) instead of materializing the float weight.
+_LIBRARY.define("linear_int4(Tensor input, Tensor packed, Tensor scales, Tensor? zero_points, int group_size, "
+                "Tensor? bias) -> Tensor")
+
+
+@torch.library.impl(_LIBRARY, "linear_int4", "CompositeExplicitAutograd")
+def _linear_int4_kernel(input, packed, scales, zero_points, group_size: int, bias) -> torch.Tensor:
+    weight = _dequantize_int4_grouped_kernel(packed, scales, zero_points, group_size, input.dtype)
+    return torch.ops.aten.linear.default(input, weight, bias)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_int4", lib=_LIBRARY)
+def _linear_int4_fake(input, packed, scales, zero_points, group_size, bias):
+    _check_int4_grouped(packed, scales, zero_points, group_size)
+    return input.new_empty((*input.shape[:-1], packed.shape[0]))

@@ -11,6 +11,24 @@ from fxopt.errors import InputError
 from fxopt.targets.base import Build, Preset, Target, say
 from fxopt.targets.registry import register_target
 
+INT4_GROUP = 128
+
+
+def int4_weight_spec(graph) -> str:
+    """insert-qdq's int4 weight-only scheme (linears whose input columns the group divides; the others stay
+    float16), then int4-linear."""
+    import torch
+
+    from fxopt.passes.quantize.calibrate import is_weight
+    odd = [n.name for n in graph.call_nodes(torch.ops.aten.linear.default)
+           if is_weight(n.args[1]) and graph.param(n.args[1]).shape[1] % INT4_GROUP]
+    skip = f",skip={';'.join(odd)}" if odd else ""
+    return f"insert-qdq{{scheme=weight-only,bits=4,group-size={INT4_GROUP}{skip}}},int4-linear"
+
+
+#: precision -> the pipeline spec that quantizes the graph for it
+PRECISION_PASSES = {"fp8": lambda graph: "quantize-fp8", "int4-weight": int4_weight_spec}
+
 #: The fastest measured on the H100 (benchmarks/results/gpu_bert_norm_act.md); epilogue fusion is TVM's.
 CUDA_PRESETS = {"fast": Preset("cleanup,fuse-attention", "attention fused into fxopt's kernel, float16 compute")}
 
@@ -19,9 +37,10 @@ CUDA_PRESETS = {"fast": Preset("cleanup,fuse-attention", "attention fused into f
 class CudaTarget(Target):
     name = "cuda"
     presets = CUDA_PRESETS
-    #: precision: "fp16" (GEMMs in float16, fp32 accumulation) or "fp8" (linears as e4m3 GEMMs, quantize-fp8)
+    #: precision: "fp16" (GEMMs in float16, fp32 accumulation), "fp8" (linears as e4m3 GEMMs) or "int4-weight"
+    #: (linear weights int4 per group of 128 input columns; few-row calls in fxopt's int4 kernel)
     options = {"matmul": ("cublaslt", "default", "mma"), "dtype": ("float16", "float32"),
-               "precision": ("fp16", "fp8")}
+               "precision": ("fp16", "fp8", "int4-weight")}
     #: the per-layer comparison would run the whole model on the CPU of a machine that may be only the builder
     reports_layer_error = False
 
@@ -31,16 +50,19 @@ class CudaTarget(Target):
                          "relative error ~1e-3 on BERT), or search with target='x86-int8'/'eager'")
 
     def build(self, context):
-        """The pipeline's graph; for precision="fp8", with its linears made fp8 GEMMs (quantize-fp8)."""
-        if self.settings["precision"] == "fp16":
+        """The pipeline's graph, its linears quantized as ``precision`` says (:data:`PRECISION_PASSES`)."""
+        precision = self.settings["precision"]
+        if precision == "fp16":
             return Build(context.fused, context.pipeline, self.name)
         if self.settings["matmul"] != "cublaslt":
-            raise InputError(f"optimize(target='cuda'): precision='fp8' runs on cuBLASLt's fp8 GEMM; drop "
-                             f"matmul={self.settings['matmul']!r} (the default, 'cublaslt', is needed)")
-        from fxopt.passes.quantize.fp8 import QuantizeFp8
-        say(context.progress, "fxopt cuda: linears to fp8 (e4m3; per-token activations, per-channel weights) ...")
-        step = QuantizeFp8()(context.fused)
-        return Build(step.graph, f"{context.pipeline},quantize-fp8", self.name, {"quantize": step.stats})
+            raise InputError(f"optimize(target='cuda'): precision={precision!r} runs in fxopt's CUDA extension "
+                             f"(cuBLASLt's fp8 GEMM, the int4 kernel); drop matmul={self.settings['matmul']!r} "
+                             "(the default, 'cublaslt', is needed)")
+        from fxopt.passes.infra.pipeline import Pipeline
+        spec = PRECISION_PASSES[precision](context.fused)
+        say(context.progress, f"fxopt cuda: {precision}: {spec} ...")
+        result = Pipeline(spec)(context.fused)
+        return Build(result.graph, f"{context.pipeline},{spec}", self.name, {"quantize": result.stats})
 
     def runs_here(self) -> bool:
         import torch

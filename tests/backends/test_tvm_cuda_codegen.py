@@ -176,7 +176,7 @@ def test_exported_library_holds_the_fatbin_not_the_source(bert_fp16, tmp_path):
     path = bert_fp16.export(str(tmp_path / "bert.so"))
     rows, children, entries = device_binary.split_blob(device_binary.read_packed_blob(path))
     assert [kind for kind, _ in entries] == ["relax.VMExecutable", "_lib", "cuda"]
-    fmt, _, code = device_binary.split_cuda_payload(entries[2][1])
+    fmt, _, code = device_binary.split_cuda_payload(entries[2][1], {bert_fp16.fatbin})
     assert fmt == "fatbin" and code == bert_fp16.fatbin
     assert b"__global__" not in (tmp_path / "bert.so").read_bytes()
 
@@ -184,5 +184,18 @@ def test_exported_library_holds_the_fatbin_not_the_source(bert_fp16, tmp_path):
 def test_packed_blob_round_trips(bert_fp16):
     blob = tvm.get_global_func("runtime.ModulePackImportsToTensor")(bert_fp16.executable.mod).numpy().tobytes()
     assert device_binary.join_blob(*device_binary.split_blob(blob)) == blob
-    fmt, _, code = device_binary.split_cuda_payload(device_binary.split_blob(blob)[2][2][1])
+    fmt, _, code = device_binary.split_cuda_payload(device_binary.split_blob(blob)[2][2][1],
+                                                    {bert_fp16.cuda_source.encode()})
     assert fmt == "cuda" and code.decode() == bert_fp16.cuda_source
+
+
+def test_a_length_lookalike_in_the_fmap_does_not_hide_the_code():
+    """Seen in an int4 build: eight bytes of the fmap read as the length of everything after them."""
+    import struct
+    code = b"extern \"C\" __global__ void k() {}"
+    tail = struct.pack("<Q", len(code)) + code
+    fmap = b"\x01\x00" + struct.pack("<Q", len(tail) + 3) + b"\x00\x00\x00"  # a lookalike of len(rest)
+    payload = struct.pack("<Q", 4) + b"cuda" + fmap + tail
+    assert device_binary.split_cuda_payload(payload)[2] != code  # the first fit is the lookalike
+    fmt, raw_fmap, found = device_binary.split_cuda_payload(payload, {code})
+    assert (fmt, raw_fmap, found) == ("cuda", fmap, code)

@@ -12,7 +12,7 @@ cuBLASLt's fp8 GEMM, all calls into fxopt's CUDA extension::
 It is emitted on the fp32 import, before ``ToMixedPrecision``, which leaves packed calls and their casts
 alone (as for attention, :mod:`~fxopt.backends.tvm_cuda.rewrite_attention`); the casts around the calls cancel
 against ToMixedPrecision's own afterwards (:mod:`~fxopt.backends.tvm_cuda.layout_glue`). It needs the extension:
-the build refuses fp8 linears unless ``matmul="cublaslt"`` (:func:`check_fp8_build`).
+the build refuses fp8 linears unless ``matmul="cublaslt"`` (:func:`check_extension_ops`).
 """
 from __future__ import annotations
 
@@ -62,10 +62,21 @@ def linear_fp8(node, importer):
     return y16 if dtype_of(x) == "float16" else bb.emit(relax.op.astype(y16, dtype_of(x)))
 
 
-def check_fp8_build(graph, matmul: str) -> None:
-    """fp8 linears run only through fxopt's CUDA extension: refuse any other matmul path, naming the nodes."""
-    nodes = [n.name for n in graph.call_nodes() if getattr(n.target, "__name__", "") == LINEAR_FP8]
+def check_extension_ops(graph, matmul: str) -> None:
+    """fp8 linears (and int4 ones of up to 16 rows) run only through fxopt's CUDA extension: refuse any other
+    matmul path, naming the nodes."""
+    from fxopt.backends.tvm_cuda.convert_int4 import LINEAR_INT4, takes_kernel
+
+    def needs_extension(node) -> bool:
+        name = getattr(node.target, "__name__", "")
+        if name == LINEAR_INT4:
+            shape = getattr(node.args[0].meta.get("val"), "shape", None)
+            return shape is not None and takes_kernel(tuple(shape), node.args[4])
+        return name == LINEAR_FP8
+
+    nodes = [n.name for n in graph.call_nodes() if needs_extension(n)]
     if nodes and matmul != "cublaslt":
         listed = ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
-        raise LoweringError(f"tvm-cuda: fp8 linears ({listed}) need matmul='cublaslt' (cuBLASLt's fp8 GEMM), "
-                            f"not matmul={matmul!r}; build with matmul='cublaslt' or drop quantize-fp8")
+        raise LoweringError(f"tvm-cuda: fp8 and int4 linears ({listed}) run in fxopt's CUDA extension and need "
+                            f"matmul='cublaslt', not matmul={matmul!r}; build with matmul='cublaslt' or quantize "
+                            "them otherwise")

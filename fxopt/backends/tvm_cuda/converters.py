@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from fxopt.backends.tvm_cuda.convert_fp8 import LINEAR_FP8, linear_fp8
+from fxopt.backends.tvm_cuda.convert_int4 import LINEAR_INT4, linear_int4
 from fxopt.backends.tvm_cuda.sparse import csr_linear_densified
 
 
@@ -262,12 +263,17 @@ def _choose_qparams(node, importer):
 
 def _dequantize_int4_grouped(node, importer):
     """fxopt.dequantize_int4_grouped: nibbles by mask and shift, interleaved back, (code - zp) * scale per group."""
+    packed, scales, zero_points, group_size, out_dtype = importer.retrieve_args(node)
+    return dequantized_int4(importer.block_builder, packed, scales, zero_points, group_size,
+                            importer._convert_data_type(out_dtype))
+
+
+def dequantized_int4(bb, packed, scales, zero_points, group_size: int, dtype: str):
+    """The float weight [rows, 2 * half] of fxopt's packed int4 codes, as Relax ops (see fxopt.ir.ops)."""
     from tvm import relax
 
     from fxopt.ir.ops import INT4_OFFSET
 
-    packed, scales, zero_points, group_size, out_dtype = importer.retrieve_args(node)
-    bb = importer.block_builder
     rows, half = (int(d) for d in packed.ty.shape)
     low = relax.op.bitwise_and(packed, relax.const(0x0F, "uint8"))
     high = relax.op.right_shift(packed, relax.const(4, "uint8"))
@@ -277,7 +283,6 @@ def _dequantize_int4_grouped(node, importer):
     if zero_points is not None:
         offset = relax.op.add(per_group(zero_points), offset)
     weight = relax.op.multiply(relax.op.subtract(relax.op.astype(nibbles, "float32"), offset), per_group(scales))
-    dtype = importer._convert_data_type(out_dtype)
     return bb.emit(relax.op.astype(relax.op.reshape(bb.emit(weight), (rows, 2 * half)), dtype))
 
 
@@ -285,6 +290,7 @@ def _dequantize_int4_grouped(node, importer):
 FXOPT_CONVERTERS: Dict[str, Callable] = {
     "linear_act.default": _linear_act,
     LINEAR_FP8: linear_fp8,  # convert_fp8.py: cuBLASLt's fp8 GEMM (matmul="cublaslt" builds only)
+    LINEAR_INT4: linear_int4,  # convert_int4.py: fxopt.int4.linear up to 16 rows (matmul="cublaslt" builds only)
     "conv_act.default": _conv_act,
     "fused_gelu.default": _fused_gelu,
     "cumsum.default": _cumsum,

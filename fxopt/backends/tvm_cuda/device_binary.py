@@ -22,7 +22,7 @@ import inspect
 import os
 import shutil
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 from fxopt.errors import LoweringError
 
@@ -161,10 +161,11 @@ def _llvm_target(mod) -> str:
 def replace_cuda_code(blob: bytes, binaries: Dict[str, bytes]) -> bytes:
     """Swap ``(fmt="cuda", code=source)`` for ``("fatbin", binary)`` in every CUDA entry of a packed blob."""
     rows, children, entries = split_blob(blob)
+    expected = {source.encode("utf-8") for source in binaries}
     for i, (kind, payload) in enumerate(entries):
         if kind != "cuda":
             continue
-        fmt, fmap, code = split_cuda_payload(payload)
+        fmt, fmap, code = split_cuda_payload(payload, expected)
         source = code.decode("utf-8", errors="replace")
         if fmt != "cuda" or source not in binaries:
             raise LoweringError(f"tvm-cuda: CUDA module {i} holds {fmt!r} code that was not compiled at build time")
@@ -196,19 +197,23 @@ def join_blob(rows: List[int], children: List[int], entries: List[Entry]) -> byt
     return struct.pack("<Q", len(body)) + body
 
 
-def split_cuda_payload(payload: bytes) -> Tuple[str, bytes, bytes]:
+def split_cuda_payload(payload: bytes, expected: Collection[bytes] = ()) -> Tuple[str, bytes, bytes]:
     """A CUDA module's bytes ``[str fmt][fmap][str code]`` -> (fmt, raw fmap bytes, code).
 
-    The fmap's layout is TVM-internal, so the code is found from the end: the
-    last ``u64 n`` that makes ``payload[-n:]`` exactly the code.
+    The fmap's layout is TVM-internal, so the code is found from the end: a
+    ``u64 n`` that makes ``payload[-n:]`` exactly the code. More than one can
+    fit: eight bytes of the fmap's small binary numbers can read as the length of
+    what follows them (seen in a build). Among the fits, the one whose code is
+    in ``expected`` wins (the sources the build compiled); without one, the first.
     """
     reader = _Reader(payload, 0)
     fmt = reader.string().decode()
-    for start in range(reader.offset, len(payload) - 7):
-        (n,) = struct.unpack_from("<Q", payload, start)
-        if start + 8 + n == len(payload):
-            return fmt, payload[reader.offset:start], payload[start + 8:]
-    raise LoweringError("tvm-cuda: cannot find the code in a serialized CUDA module")
+    fits = [start for start in range(reader.offset, len(payload) - 7)
+            if start + 8 + struct.unpack_from("<Q", payload, start)[0] == len(payload)]
+    if not fits:
+        raise LoweringError("tvm-cuda: cannot find the code in a serialized CUDA module")
+    start = next((f for f in fits if payload[f + 8:] in expected), fits[0])
+    return fmt, payload[reader.offset:start], payload[start + 8:]
 
 
 class _Reader:

@@ -3,7 +3,7 @@
 Each is called with ``R.call_dps_packed(name, [inputs..., scalars...], out_ty)``:
 the outputs come last, allocated by TVM (destination-passing style). The
 kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
-(``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``, ``fp8_quantize.cu``)::
+(``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``, ``fp8_quantize.cu``, ``int4_gemm.cu``)::
 
     fxopt.cublaslt.matmul(a, b, out)                      a [.., K] @ b [K, N] or batched [B, M, K] @ [B, K, N]
     fxopt.cublaslt.matmul_bias(a, b, bias[N], out)        + bias in the fp32 epilogue
@@ -13,6 +13,7 @@ kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
     fxopt.gelu(x, out), fxopt.gelu_tanh(x, out)                       fp32 math, fp16 in and out
     fxopt.fp8.quantize_rows(x, codes, scales)             e4m3 codes and a float32 scale per row of x
     fxopt.cublaslt.matmul_fp8[_bias](xq, wq, xs, ws, [bias,] out)    xq [.., K] @ wq[N, K]^T, scaled, fp8
+    fxopt.int4.linear[_zp](x, packed, scales, [zeros,] out)  x [1..16 rows, K] @ int4 weight^T, fp16
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ GEMM_BIAS = "fxopt.cublaslt.matmul_bias"
 FP8_GEMM = "fxopt.cublaslt.matmul_fp8"
 FP8_GEMM_BIAS = "fxopt.cublaslt.matmul_fp8_bias"
 FP8_QUANTIZE_ROWS = "fxopt.fp8.quantize_rows"
+INT4_LINEAR = "fxopt.int4.linear"
+INT4_LINEAR_ZP = "fxopt.int4.linear_zp"
 ATTENTION = "fxopt.attention"
 ATTENTION_BIAS = "fxopt.attention_bias"
 LAYER_NORM = "fxopt.layer_norm"

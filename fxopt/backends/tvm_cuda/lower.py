@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from fxopt.backends.tvm_cuda.convert_fp8 import check_fp8_build
+from fxopt.backends.tvm_cuda.convert_fp8 import check_extension_ops
 from fxopt.backends.tvm_cuda.library import TRANSFORM_PARAMS, CudaLibrary, ParamSpec
 from fxopt.backends.tvm_cuda.relax_import import (
     KEPT_WHOLE, Converter, check_supported, decomposition_table, exported_program, first_line, import_graph,
@@ -114,7 +114,7 @@ def build(
         raise LoweringError(f"tvm-cuda: dtype {dtype!r} is not supported; valid dtypes: {', '.join(DTYPES)}")
     if matmul not in MATMULS:
         raise LoweringError(f"tvm-cuda: matmul {matmul!r} is not known; valid: {', '.join(MATMULS)}")
-    check_fp8_build(graph, matmul)
+    check_extension_ops(graph, matmul)
     target = cuda_target(arch)
     mod, weights = prepare(graph, dtype, keep_params_as_input, custom_convert_map,
                            fused_attention=matmul == "cublaslt")

@@ -1,6 +1,7 @@
-"""precision="fp8" on the cuda target, on the CPU machine: what the Relax module calls, the build, the artifact.
+"""precision="fp8" and "int4-weight" on the cuda target, on the CPU machine: what the Relax module calls, the
+build, the artifact.
 
-The numbers are checked on the GPU machine: tests/backends/test_tvm_cuda_fp8.py (kernels) and
+The numbers are checked on the GPU machine: tests/backends/test_tvm_cuda_fp8.py, test_tvm_cuda_int4.py (kernels) and
 benchmarks/gpu_cuda_target.py (artifacts against the eager fp8 pipeline, benchmarks/results/gpu_cuda_target.md).
 """
 from __future__ import annotations
@@ -55,9 +56,9 @@ def test_fp8_linears_become_extension_calls_with_weights_quantized_at_load():
 def test_fp8_needs_cublaslt_and_says_so():
     from fxopt.backends.tvm_cuda.lower import build
     graph = fxopt.Pipeline("quantize-fp8")(fxopt.capture(Qkv().eval(), (torch.randn(4, 32),))).graph
-    with pytest.raises(LoweringError, match=r"fp8 linears \(linear, linear_1, .*\) need matmul='cublaslt'"):
+    with pytest.raises(LoweringError, match=r"fp8 and int4 linears \(linear, linear_1, .*\) .* need matmul='cublaslt'"):
         build(graph, matmul="default", compile_kernels=False)
-    with pytest.raises(InputError, match="precision='fp8' runs on cuBLASLt's fp8 GEMM; drop matmul='default'"):
+    with pytest.raises(InputError, match="precision='fp8' runs in fxopt's CUDA extension .* drop matmul='default'"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="fp8",
                        options={"matmul": "default"}, progress=False)
 
@@ -65,7 +66,7 @@ def test_fp8_needs_cublaslt_and_says_so():
 def test_precision_is_an_option_of_the_target():
     with pytest.raises(InputError, match="target 'x86-int8': unknown option 'precision'; its options: compile"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="x86-int8", precision="fp8", progress=False)
-    with pytest.raises(InputError, match=r"precision.*'fp16', 'fp8'"):
+    with pytest.raises(InputError, match=r"precision.*'fp16', 'fp8', 'int4-weight'"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int3", progress=False)
 
 
@@ -80,3 +81,43 @@ def test_the_fp8_artifact_records_its_precision_and_loads(tmp_path):
     loaded = fxopt.load(directory)
     assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_fp8.default)) == 5
     assert set(loaded.graph.params()) <= set(model.state_dict())  # weights stay float, under their own names
+
+
+class Mlp(torch.nn.Module):
+    """Two linears int4 can take (256 and 128 input columns) and one it cannot (48: not a group of 128)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(256, 128), torch.nn.Linear(128, 48), torch.nn.Linear(48, 16)
+
+    def forward(self, x):
+        return self.c(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("rows, kernel_calls, gemms", [(4, 2, 1), (64, 0, 3)])
+def test_int4_weight_uses_the_kernel_for_few_rows_and_a_gemm_for_more(rows, kernel_calls, gemms):
+    x = torch.randn(rows, 256)
+    optimized = fxopt.optimize(Mlp().eval(), (x,), target="cuda", precision="int4-weight", progress=False)
+    assert optimized.pipeline.endswith("insert-qdq{scheme=weight-only,bits=4,group-size=128,skip=linear_2},"
+                                       "int4-linear")
+    assert optimized.report()["lowering"]["precision"] == "int4-weight"
+    graph = fxopt.Pipeline(optimized.pipeline)(fxopt.capture(Mlp().eval(), (x,))).graph
+    assert sum(1 for _ in graph.call_nodes(torch.ops.fxopt.linear_int4.default)) == 2
+    main, _ = relax_calls(graph)
+    assert main.count("fxopt.int4.linear") == kernel_calls
+    assert main.count("fxopt.cublaslt.matmul") == gemms
+    # never dequantized per call: the packed weights are pass-made constants (bound in the library), so the
+    # GEMM path's dequantization reads constants only, and the pipeline's FoldConstant folds it at build time
+    shifts = [line for line in main.splitlines() if "R.right_shift(" in line]
+    assert len(shifts) == (0 if kernel_calls else 2) and all("R.right_shift(metadata[" in s for s in shifts)
+
+
+def test_int4_linear_is_the_same_math_as_dequantize_then_linear():
+    graph = fxopt.capture(Mlp().eval(), (torch.randn(3, 256),))
+    spec = "insert-qdq{scheme=weight-only,bits=4,group-size=128,skip=linear_2}"
+    quantized = fxopt.Pipeline(spec)(graph).graph
+    fused = fxopt.Pipeline("int4-linear")(quantized)
+    assert fused.results[0].stats == {"fused": 2}
+    assert not any(n.target == torch.ops.fxopt.dequantize_int4_grouped.default for n in fused.graph.call_nodes())
+    x = torch.randn(3, 256)
+    assert torch.equal(fused.graph.module(x), quantized.module(x))
