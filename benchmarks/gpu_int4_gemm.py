@@ -57,9 +57,12 @@ def one(linear, m: int, n: int, k: int) -> dict:
     row = {"m": m, "n": n, "k": k}
     row["fp16_ms"] = do_bench(lambda: torch.nn.functional.linear(x, w16), return_mode="median")
     out = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    linear(x, packed, scales, out)
-    row["fxopt_int4_err"] = relative_error(out, reference)
-    row["fxopt_int4_ms"] = do_bench(lambda: linear(x, packed, scales, out), return_mode="median")
+    try:
+        linear(x, packed, scales, out)
+        row["fxopt_int4_err"] = relative_error(out, reference)
+        row["fxopt_int4_ms"] = do_bench(lambda: linear(x, packed, scales, out), return_mode="median")
+    except Exception as exc:  # x too large for the kernel's shared memory: recorded
+        row["fxopt_int4"] = f"refused: {exc}"[:300]
     try:
         call = tinygemm(x, codes, scales, GROUP)
         row["tinygemm_err"] = relative_error(call(), reference)  # bf16 activations: ~4e-3 expected
@@ -86,10 +89,11 @@ def main(argv=None) -> None:
         for m in ROWS:
             row = {"shape": name, **one(linear, m, n, k)}
             rows.append(row)
-            tiny = row.get("tinygemm_ms")
-            print(f"{name:30s} {m:3d} {row['fp16_ms'] * 1e3:8.1f} {row['fxopt_int4_ms'] * 1e3:8.1f} "
-                  f"{row['fp16_ms'] / row['fxopt_int4_ms']:7.2f} {'-' if tiny is None else f'{tiny * 1e3:.1f}':>11s} "
-                  f"{row['fxopt_int4_err']:9.2e}", flush=True)
+            tiny, ours = row.get("tinygemm_ms"), row.get("fxopt_int4_ms")
+            cells = ("-", "-", "-") if ours is None else (f"{ours * 1e3:.1f}", f"{row['fp16_ms'] / ours:.2f}",
+                                                          f"{row['fxopt_int4_err']:.2e}")
+            print(f"{name:30s} {m:3d} {row['fp16_ms'] * 1e3:8.1f} {cells[0]:>8s} {cells[1]:>7s} "
+                  f"{'-' if tiny is None else f'{tiny * 1e3:.1f}':>11s} {cells[2]:>9s}", flush=True)
     for row in rows:
         if "tinygemm" in row:
             print("tinygemm:", row["tinygemm"])

@@ -41,6 +41,9 @@ BAD = {
     "groups of 16": (lambda x, w, s, o: (x, w, torch.ones(8, 4), o), ValueError, "G a multiple of 32"),
     "17 rows": (lambda x, w, s, o: (torch.zeros(17, 64).half(), w, s, torch.zeros(17, 8).half()), ValueError,
                 "1 to 16 rows"),
+    "16 rows of 8192": (lambda x, w, s, o: (torch.zeros(16, 8192).half(), torch.zeros(8, 4096, dtype=torch.uint8),
+                                            torch.ones(8, 64), torch.zeros(16, 8).half()), ValueError,
+                        "fit shared memory"),
     "out of 7 columns": (lambda x, w, s, o: (x, w, s, torch.zeros(2, 7).half()), ValueError, "M \\* N elements"),
     "on the CPU": (lambda x, w, s, o: (x, w, s, o), ValueError, "must be on the GPU"),
 }

@@ -23,11 +23,17 @@ MAX_KERNEL_ROWS = 16
 KERNEL_COLUMNS = 32
 
 
+#: the kernel stages x in shared memory: its rows rounded up to 1, 2, 4, 8 or 16, times K, in float16, at most
+KERNEL_SHARED_BYTES = 200 * 1024
+
+
 def takes_kernel(x_shape, group_size: int) -> bool:
     rows = 1
     for d in x_shape[:-1]:
         rows *= d
-    return rows <= MAX_KERNEL_ROWS and x_shape[-1] % KERNEL_COLUMNS == 0 and group_size % KERNEL_COLUMNS == 0
+    staged = next(r for r in (1, 2, 4, 8, 16, rows) if r >= rows) * x_shape[-1] * 2
+    return rows <= MAX_KERNEL_ROWS and x_shape[-1] % KERNEL_COLUMNS == 0 and group_size % KERNEL_COLUMNS == 0 \
+        and staged <= KERNEL_SHARED_BYTES
 
 
 def linear_int4(node, importer):

@@ -8,9 +8,10 @@
 // out float16 [..., N]. w[n, k] = (code - zero) * scale, as fxopt.dequantize_int4_grouped computes it.
 //
 // At M <= 16 the GEMM is memory-bound on the weight: int4 reads a quarter of fp16's bytes. A block of 8 warps
-// stages x in shared memory (M * K * 2 bytes) and each warp computes kRows output columns: every lane streams
-// 16-byte words of packed codes (32 weights, one group) for its rows, kUnroll words at once so enough loads are
-// in flight, dequantizes them in registers and accumulates M dot products in fp32; a warp shuffle sums the lanes.
+// stages x in shared memory (M * K * 2 bytes, at most 200 KiB) and each warp computes kRows output columns:
+// every lane streams 4-byte words of packed codes (8 weights) for its rows, kUnroll words at once so enough
+// loads are in flight, dequantizes them in registers and accumulates M dot products in fp32 (x's 8 values a
+// 16-byte shared load, the warp's lanes on consecutive ones); a warp shuffle sums the lanes.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <tvm/ffi/container/tensor.h>
@@ -26,44 +27,44 @@ using tvm::ffi::TensorView;
 
 constexpr int kWarps = 8;
 constexpr int kRows = 4;    // output columns (weight rows) a warp computes
-constexpr int kUnroll = 2;  // 16-byte words a lane loads per row before it computes
+constexpr int kUnroll = 4;  // 4-byte words (8 codes) a lane loads per row before it computes
+// x is staged whole in shared memory: M rounded up to the kernel's rows, times K, in float16, at most this
+constexpr int64_t kMaxSharedBytes = 200 * 1024;
 constexpr int kMaxM = 16;
 constexpr int kOffset = 8;  // a nibble is the code + 8
 
 struct Int4Params {
   const half* x;
-  const uint4* packed;  // [N, K / 32] words of 32 codes
+  const uint4* packed;  // [N, K / 2] bytes, read as 4-byte words of 8 codes
   const float* scales;  // [N, K / G]
   const int8_t* zeros;  // [N, K / G] or null
   half* out;
   int m, n, k, group;  // m <= kM of the kernel: rows from m on are zeros in shared memory and not written
 };
 
-// acc[m] += sum over the word's 32 columns of w * x[m]
+// acc[m] += sum over the word's 8 columns (col .. col + 7) of w * x[m]; x[m]'s 8 values are one 16-byte
+// shared-memory load, and the 32 lanes of a warp read 32 consecutive ones: no bank conflicts.
 template <int kM>
-__device__ __forceinline__ void Accumulate(uint4 word, float scale, float zero, const half* x_smem, int k, int col,
+__device__ __forceinline__ void Accumulate(uint32_t word, float scale, float zero, const half* x_smem, int k, int col,
                                            float (&acc)[kM]) {
-  const uint32_t parts[4] = {word.x, word.y, word.z, word.w};
-  float w[32];
+  float w[8];
 #pragma unroll
-  for (int p = 0; p < 4; ++p) {
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t byte = (parts[p] >> (8 * b)) & 0xFFu;
-      w[p * 8 + 2 * b] = (static_cast<float>(byte & 0xFu) - kOffset - zero) * scale;
-      w[p * 8 + 2 * b + 1] = (static_cast<float>(byte >> 4) - kOffset - zero) * scale;
-    }
+  for (int b = 0; b < 4; ++b) {
+    const uint32_t byte = (word >> (8 * b)) & 0xFFu;
+    w[2 * b] = (static_cast<float>(byte & 0xFu) - kOffset - zero) * scale;
+    w[2 * b + 1] = (static_cast<float>(byte >> 4) - kOffset - zero) * scale;
   }
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
-    const half2* xs = reinterpret_cast<const half2*>(x_smem + static_cast<int64_t>(m) * k + col);
-    float sum = 0.f;
+    const uint4 raw = *reinterpret_cast<const uint4*>(x_smem + static_cast<int64_t>(m) * k + col);
+    const half2* xs = reinterpret_cast<const half2*>(&raw);
+    float sum = acc[m];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < 4; ++j) {
       const float2 v = __half22float2(xs[j]);
       sum = fmaf(w[2 * j], v.x, fmaf(w[2 * j + 1], v.y, sum));
     }
-    acc[m] += sum;
+    acc[m] = sum;
   }
 }
 
@@ -78,20 +79,21 @@ __global__ void __launch_bounds__(32 * kWarps) Int4Linear(Int4Params p) {
   const half* x_smem = reinterpret_cast<const half*>(x_words);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first_row = (blockIdx.x * kWarps + warp) * kRows;
-  const int words = p.k / 32, groups = p.k / p.group;
+  const int words = p.k / 8, groups = p.k / p.group;  // 4-byte words of 8 codes a row
+  const uint32_t* packed = reinterpret_cast<const uint32_t*>(p.packed);
   float acc[kRows][kM];
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
     for (int m = 0; m < kM; ++m) acc[r][m] = 0.f;
   for (int base = lane; base < words; base += 32 * kUnroll) {
-    uint4 loaded[kRows][kUnroll];
+    uint32_t loaded[kRows][kUnroll];
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int word = base + 32 * u, row = first_row + r;
-        if (word < words && row < p.n) loaded[r][u] = p.packed[static_cast<int64_t>(row) * words + word];
+        if (word < words && row < p.n) loaded[r][u] = packed[static_cast<int64_t>(row) * words + word];
       }
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
@@ -99,9 +101,9 @@ __global__ void __launch_bounds__(32 * kWarps) Int4Linear(Int4Params p) {
       for (int u = 0; u < kUnroll; ++u) {
         const int word = base + 32 * u, row = first_row + r;
         if (word < words && row < p.n) {
-          const int64_t g = static_cast<int64_t>(row) * groups + (word * 32) / p.group;
+          const int64_t g = static_cast<int64_t>(row) * groups + (word * 8) / p.group;
           const float zero = p.zeros != nullptr ? static_cast<float>(p.zeros[g]) : 0.f;
-          Accumulate<kM>(loaded[r][u], p.scales[g], zero, x_smem, p.k, word * 32, acc[r]);
+          Accumulate<kM>(loaded[r][u], p.scales[g], zero, x_smem, p.k, word * 8, acc[r]);
         }
       }
   }
@@ -166,6 +168,9 @@ void Int4LinearLaunch(const TensorView& x, const TensorView& packed, const Tenso
         "zeros must be shaped like scales");
   const int64_t m = x.numel() / k;
   Check(m >= 1 && m <= kMaxM, "x must have 1 to 16 rows (larger M: dequantize and use a GEMM)");
+  const int64_t rounded = m <= 2 ? m : (m <= 4 ? 4 : (m <= 8 ? 8 : 16));
+  Check(rounded * k * 2 <= kMaxSharedBytes, "x must fit shared memory: M (rounded up to 1, 2, 4, 8 or 16) * K * 2 "
+        "bytes at most 200 KiB (K = 14336: up to 4 rows)");
   Check(out.numel() == m * n, "out must have M * N elements");
   Check(x.IsContiguous() && packed.IsContiguous() && scales.IsContiguous() && out.IsContiguous() &&
             (!zeros || zeros->IsContiguous()),
