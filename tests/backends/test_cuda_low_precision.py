@@ -121,3 +121,15 @@ def test_int4_linear_is_the_same_math_as_dequantize_then_linear():
     assert not any(n.target == torch.ops.fxopt.dequantize_int4_grouped.default for n in fused.graph.call_nodes())
     x = torch.randn(3, 256)
     assert torch.equal(fused.graph.module(x), quantized.module(x))
+
+
+def test_the_int4_artifact_records_its_precision_and_loads(tmp_path):
+    optimized = fxopt.optimize(Mlp().eval(), (torch.randn(2, 256),), target="cuda", precision="int4-weight",
+                               progress=False)
+    directory = optimized.save(tmp_path / "int4")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["extra"]["report"]["lowering"]["precision"] == "int4-weight"
+    loaded = fxopt.load(directory)
+    assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_int4.default)) == 2
+    packed = [t for name, t in loaded.graph.params().items() if name.endswith("weight_int4")]
+    assert len(packed) == 2 and all(t.dtype == torch.uint8 for t in packed)  # int4 codes, two a byte, on disk
