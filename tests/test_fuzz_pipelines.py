@@ -440,3 +440,16 @@ def test_share_params_never_points_batch_norm_statistics_at_a_parameter():
     result = fxopt.Pipeline("share-params", debug=True)(graph)
     assert result.stats["0:share-params"]["shared"] == 0
     assert torch.equal(result.graph(*inputs), graph(*inputs))
+
+
+def test_smooth_quant_after_pruning_asks_for_fresh_statistics():
+    """prune-channels removed FFN channels after calibration: smooth-quant divided 9 recorded maxima by 5 weight
+    columns and raised a bare RuntimeError (CI seed 2142248943). It now names the input and what to do."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.GELU(), torch.nn.Linear(9, 4)).eval()
+    x = torch.randn(8, 4)
+    graph = fxopt.calibrate(fxopt.capture(model, (x,)), [(x,)], progress=False)
+    with pytest.raises(fxopt.PassError, match=r"'smooth-quant' failed") as raised:
+        fxopt.Pipeline("prune-channels{ratio=0.5},smooth-quant", calibration=[(x,)])(graph)
+    cause = str(raised.value.__cause__)
+    assert "per-channel statistics for 9 channels, but the weight reads" in cause and "calibrate again" in cause

@@ -109,8 +109,8 @@ class SmoothQuant(Pass):
     def run(self, graph: Graph) -> PassResult:
         stats = {"groups": 0, "linears": 0, "folded_layernorm": 0, "folded_linear": 0, "inserted_mul": 0}
         for act, linears in smoothable_groups(graph).items():
-            s = smoothing_factors(self._act_absmax(act, linears[0]), [graph.param(n.args[1]) for n in linears],
-                                  self.alpha)
+            weights = [graph.param(n.args[1]) for n in linears]
+            s = smoothing_factors(self._act_absmax(act, linears[0], weights[0].shape[1]), weights, self.alpha)
             stats[self._divide_activation(graph, act, linears, s)] += 1
             for linear in linears:
                 self._scale_columns(graph, linear, s)
@@ -120,11 +120,15 @@ class SmoothQuant(Pass):
             graph.remove_unused_params()
         return PassResult(graph, stats["groups"] > 0, stats)
 
-    def _act_absmax(self, act: fx.Node, linear: fx.Node) -> torch.Tensor:
+    def _act_absmax(self, act: fx.Node, linear: fx.Node, channels: int) -> torch.Tensor:
         absmax = act.meta.get(CHANNEL_ABSMAX_KEY)
         if absmax is None:
             raise self.error(f"input %{act.name} has no per-channel statistics", linear,
                              "run fxopt.calibrate(graph, data) first; it records them")
+        if absmax.numel() != channels:  # recorded before a pass changed the channels (pruning)
+            raise self.error(f"input %{act.name} has per-channel statistics for {absmax.numel()} channels, but "
+                             f"the weight reads {channels}", linear,
+                             "calibrate again after the passes that remove channels (prune-*), then smooth-quant")
         return absmax
 
     # --------------------------------------------------------- the activation
