@@ -46,8 +46,9 @@ class CudaTarget(Target):
 
     def check_search(self) -> None:
         raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
-                         "measure every candidate on the GPU; drop tolerance (cuda builds one float16 pipeline, "
-                         "relative error ~1e-3 on BERT), or search with target='x86-int8'/'eager'")
+                         "measure every candidate on the GPU; drop tolerance and choose precision= yourself "
+                         "('fp16', the default: relative error ~1e-3 on BERT; 'fp8'; 'int4-weight'), or search "
+                         "with target='x86-int8'/'eager'")
 
     def build(self, context):
         """The pipeline's graph, its linears quantized as ``precision`` says (:data:`PRECISION_PASSES`)."""
@@ -61,7 +62,7 @@ class CudaTarget(Target):
         from fxopt.passes.infra.pipeline import Pipeline
         spec = PRECISION_PASSES[precision](context.fused)
         say(context.progress, f"fxopt cuda: {precision}: {spec} ...")
-        result = Pipeline(spec)(context.fused)
+        result = Pipeline(spec, calibration=context.calibration)(context.fused)  # for data-reading options
         return Build(result.graph, f"{context.pipeline},{spec}", self.name, {"quantize": result.stats})
 
     def runs_here(self) -> bool:
