@@ -7,18 +7,16 @@ product, sum and scaled result exact in fp32 and in the float16 output.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.backends import extension_refusals
 from tests.harness import examples
 
 pytest.importorskip("tvm_ffi")
@@ -74,42 +72,23 @@ QUANTIZE_BAD = {
 }
 
 
-# In a subprocess: tests/backends/test_tvm_cuda_extension.py registers numpy stand-ins under the extension's
-# names in this process, and TVM aborts a process whose functions are registered twice.
-CHECKS = """
-import json, sys
-import torch, tvm_ffi
-from fxopt.backends.tvm_cuda import extension
-from tests.backends.test_tvm_cuda_fp8 import BAD, E4M3, FP8, FP8_BIAS, QUANTIZE_BAD, QUANTIZE_ROWS, operands
-extension.load_extension(sys.argv[1])
-fp8, fp8_bias = tvm_ffi.get_global_func(FP8), tvm_ffi.get_global_func(FP8_BIAS)
-raised = {}
-calls = {case: (lambda make=make: fp8(*make(*operands()))) for case, (make, _, _) in BAD.items()}
-x, w, xs, ws, out = operands()
-calls["bias of 15"] = lambda: fp8_bias(x, w, xs, ws, torch.zeros(15).half(), out)
-quantize = tvm_ffi.get_global_func(QUANTIZE_ROWS)
-for case, (make, _, _) in QUANTIZE_BAD.items():
-    calls["quantize: " + case] = lambda make=make: quantize(*make(torch.zeros(6, 32), torch.zeros(6, 32).to(E4M3),
-                                                                  torch.zeros(6)))
-for case, call in calls.items():
-    try:
-        call()
-        raised[case] = ["nothing", ""]
-    except Exception as exc:
-        raised[case] = [type(exc).__name__, str(exc)]
-print(json.dumps(raised))
-"""
+def refusal_calls():
+    """Every bad call, by case (run in a fresh process: tests/backends/extension_refusals.py)."""
+    import tvm_ffi
+    fp8, fp8_bias = tvm_ffi.get_global_func(FP8), tvm_ffi.get_global_func(FP8_BIAS)
+    calls = {case: (lambda make=make: fp8(*make(*operands()))) for case, (make, _, _) in BAD.items()}
+    x, w, xs, ws, out = operands()
+    calls["bias of 15"] = lambda: fp8_bias(x, w, xs, ws, torch.zeros(15).half(), out)
+    quantize = tvm_ffi.get_global_func(QUANTIZE_ROWS)
+    for case, (make, _, _) in QUANTIZE_BAD.items():
+        calls["quantize: " + case] = lambda make=make: quantize(*make(torch.zeros(6, 32),
+                                                                      torch.zeros(6, 32).to(E4M3), torch.zeros(6)))
+    return calls
 
 
 @pytest.fixture(scope="module")
 def refusals():
-    from fxopt.backends.tvm_cuda import extension
-    path = os.environ.get("FXOPT_CUDA_EXTENSION") or extension.extension_path()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", CHECKS, path], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "PYTHONPATH": root}, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return extension_refusals.refusals("tests.backends.test_tvm_cuda_fp8:refusal_calls")
 
 
 @pytest.mark.parametrize("case", list(BAD))

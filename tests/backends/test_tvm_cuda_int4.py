@@ -7,18 +7,16 @@ partial sum exact in fp32 (multiples of 2^-6 below 2^13), so kernel and referenc
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.backends import extension_refusals
 from tests.harness import examples
 
 pytest.importorskip("tvm_ffi")
@@ -48,36 +46,19 @@ BAD = {
     "on the CPU": (lambda x, w, s, o: (x, w, s, o), ValueError, "must be on the GPU"),
 }
 
-CHECKS = """
-import json, sys
-import torch, tvm_ffi
-from fxopt.backends.tvm_cuda import extension
-from tests.backends.test_tvm_cuda_int4 import BAD, LINEAR, LINEAR_ZP, operands
-extension.load_extension(sys.argv[1])
-linear, linear_zp = tvm_ffi.get_global_func(LINEAR), tvm_ffi.get_global_func(LINEAR_ZP)
-calls = {case: (lambda make=make: linear(*make(*operands()))) for case, (make, _, _) in BAD.items()}
-x, w, s, o = operands()
-calls["zeros of another shape"] = lambda: linear_zp(x, w, s, torch.zeros(8, 3, dtype=torch.int8), o)
-raised = {}
-for case, call in calls.items():
-    try:
-        call()
-        raised[case] = ["nothing", ""]
-    except Exception as exc:
-        raised[case] = [type(exc).__name__, str(exc)]
-print(json.dumps(raised))
-"""
+def refusal_calls():
+    """Every bad call, by case (run in a fresh process: tests/backends/extension_refusals.py)."""
+    import tvm_ffi
+    linear, linear_zp = tvm_ffi.get_global_func(LINEAR), tvm_ffi.get_global_func(LINEAR_ZP)
+    calls = {case: (lambda make=make: linear(*make(*operands()))) for case, (make, _, _) in BAD.items()}
+    x, w, s, o = operands()
+    calls["zeros of another shape"] = lambda: linear_zp(x, w, s, torch.zeros(8, 3, dtype=torch.int8), o)
+    return calls
 
 
 @pytest.fixture(scope="module")
 def refusals():
-    from fxopt.backends.tvm_cuda import extension
-    path = os.environ.get("FXOPT_CUDA_EXTENSION") or extension.extension_path()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", CHECKS, path], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "PYTHONPATH": root}, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return extension_refusals.refusals("tests.backends.test_tvm_cuda_int4:refusal_calls")
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -114,6 +114,15 @@ int Alignment(const std::vector<const void*>& ptrs) {
   return alignment;
 }
 
+// The bias (nullable) of either GEMM: [N] in the dtype of out (the 16-bit GEMM's a, b and out share it).
+void DescribeBias(Problem& p, const TensorView* bias) {
+  p.bias = bias != nullptr;
+  if (p.bias) {
+    TVM_FFI_CHECK(BlasType(*bias) == p.dtype && Numel(*bias, 0, bias->ndim()) == p.n, ValueError)
+        << "fxopt.cublaslt: bias must be [N] in the dtype of out";
+  }
+}
+
 Problem Describe(const TensorView& a, const TensorView& b, const TensorView* bias, const TensorView& out) {
   int ra = a.ndim(), rb = b.ndim();
   TVM_FFI_CHECK(ra >= 2 && (rb == 2 || (rb == 3 && ra == 3)), ValueError)
@@ -133,11 +142,7 @@ Problem Describe(const TensorView& a, const TensorView& b, const TensorView* bia
   TVM_FFI_CHECK(a.IsContiguous() && b.IsContiguous() && out.IsContiguous() && (!bias || bias->IsContiguous()),
                 ValueError)
       << "fxopt.cublaslt: a, b, out and bias must be contiguous (strides are not read); pass .contiguous() copies";
-  p.bias = bias != nullptr;
-  if (p.bias) {
-    TVM_FFI_CHECK(BlasType(*bias) == p.dtype && Numel(*bias, 0, bias->ndim()) == p.n, ValueError)
-        << "fxopt.cublaslt: bias must be [N] in the dtype of a";
-  }
+  DescribeBias(p, bias);
   p.alignment = Alignment({DataPtr(a), DataPtr(b), DataPtr(out), p.bias ? DataPtr(*bias) : nullptr});
   return p;
 }
@@ -178,11 +183,7 @@ Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& 
                     w_scale.IsContiguous() && (!bias || bias->IsContiguous()),
                 ValueError)
       << "fxopt.cublaslt: fp8 operands must be contiguous (strides are not read); pass .contiguous() copies";
-  p.bias = bias != nullptr;
-  if (p.bias) {
-    TVM_FFI_CHECK(BlasType(*bias) == p.dtype && Numel(*bias, 0, bias->ndim()) == p.n, ValueError)
-        << "fxopt.cublaslt: bias must be [N] in the dtype of out";
-  }
+  DescribeBias(p, bias);
   p.alignment = Alignment({DataPtr(x), DataPtr(w), DataPtr(out), p.bias ? DataPtr(*bias) : nullptr});
   TVM_FFI_CHECK(p.alignment >= 16, ValueError) << "fxopt.cublaslt: fp8 operands must be 16-byte aligned";
   TVM_FFI_CHECK(x.device().device_type == kDLCUDA, ValueError) << "fxopt.cublaslt: fp8 tensors must be on the GPU";
