@@ -12,9 +12,12 @@ cuBLASLt's fp8 GEMM, all calls into fxopt's CUDA extension::
 It is emitted on the fp32 import, before ``ToMixedPrecision``, which leaves packed calls and their casts
 alone (as for attention, :mod:`~fxopt.backends.tvm_cuda.rewrite_attention`); the casts around the calls cancel
 against ToMixedPrecision's own afterwards (:mod:`~fxopt.backends.tvm_cuda.layout_glue`). It needs the extension:
-the build refuses fp8 linears unless ``matmul="cublaslt"`` (:func:`check_extension_ops`).
+the build refuses fp8 linears unless ``matmul="cublaslt"``
+(:func:`~fxopt.backends.tvm_cuda.lower.check_extension_ops`).
 """
 from __future__ import annotations
+
+import math
 
 from fxopt.backends.tvm_cuda.extension_calls import FP8_GEMM, FP8_GEMM_BIAS, FP8_QUANTIZE_ROWS, packed_call
 from fxopt.backends.tvm_cuda.relax_exprs import dtype_of, static_shape
@@ -28,11 +31,8 @@ def _quantized_rows(bb, t, shape):
     """(codes, scales) Relax vars of ``fxopt.fp8.quantize_rows`` on ``t`` seen as rows of its last dimension."""
     from tvm import relax
 
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
     both = bb.emit(packed_call(FP8_QUANTIZE_ROWS, [t], [relax.TensorType(shape, E4M3),
-                                                        relax.TensorType((rows,), "float32")]))
+                                                        relax.TensorType((math.prod(shape[:-1]),), "float32")]))
     return bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
 
 
@@ -60,23 +60,3 @@ def linear_fp8(node, importer):
         bias16 = bias if dtype_of(bias) == "float16" else bb.emit(relax.op.astype(bias, "float16"))
         y16 = bb.emit(packed_call(FP8_GEMM_BIAS, [x_codes, w_codes, x_scales, w_scales, bias16], out_ty))
     return y16 if dtype_of(x) == "float16" else bb.emit(relax.op.astype(y16, dtype_of(x)))
-
-
-def check_extension_ops(graph, matmul: str) -> None:
-    """fp8 linears (and int4 ones of up to 16 rows) run only through fxopt's CUDA extension: refuse any other
-    matmul path, naming the nodes."""
-    from fxopt.backends.tvm_cuda.convert_int4 import LINEAR_INT4, takes_kernel
-
-    def needs_extension(node) -> bool:
-        name = getattr(node.target, "__name__", "")
-        if name == LINEAR_INT4:
-            shape = getattr(node.args[0].meta.get("val"), "shape", None)
-            return shape is not None and takes_kernel(tuple(shape), node.args[4])
-        return name == LINEAR_FP8
-
-    nodes = [n.name for n in graph.call_nodes() if needs_extension(n)]
-    if nodes and matmul != "cublaslt":
-        listed = ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
-        raise LoweringError(f"tvm-cuda: fp8 and int4 linears ({listed}) run in fxopt's CUDA extension and need "
-                            f"matmul='cublaslt', not matmul={matmul!r}; build with matmul='cublaslt' or quantize "
-                            "them otherwise")

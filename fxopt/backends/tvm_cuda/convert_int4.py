@@ -5,12 +5,14 @@ Up to :data:`MAX_KERNEL_ROWS` rows (decode), one call of fxopt's int4 kernel, wh
     y16 = fxopt.int4.linear[_zp](astype(x, float16), packed, scales[, zero_points])
     y = astype(y16 + astype(bias, float16), x's dtype)
 
-More rows: the weight dequantized by Relax ops (lifted into ``main_transform_params``, so once, at load) and a
-linear, which ``ToMixedPrecision`` and the cuBLASLt rewrite make a 16-bit GEMM. The kernel path needs the
-extension: the build refuses it unless ``matmul="cublaslt"`` (:func:`~fxopt.backends.tvm_cuda.convert_fp8.
+More rows: the weight dequantized by Relax ops (the packed codes are pass-made constants, so the pipeline's
+FoldConstant does it once, at build time) and a linear, which ``ToMixedPrecision`` and the cuBLASLt rewrite make a 16-bit GEMM. The kernel path needs the
+extension: the build refuses it unless ``matmul="cublaslt"`` (:func:`~fxopt.backends.tvm_cuda.lower.
 check_extension_ops`).
 """
 from __future__ import annotations
+
+import math
 
 from fxopt.backends.tvm_cuda.extension_calls import INT4_LINEAR, INT4_LINEAR_ZP, packed_call
 from fxopt.backends.tvm_cuda.relax_exprs import dtype_of, static_shape
@@ -28,9 +30,7 @@ KERNEL_SHARED_BYTES = 200 * 1024
 
 
 def takes_kernel(x_shape, group_size: int) -> bool:
-    rows = 1
-    for d in x_shape[:-1]:
-        rows *= d
+    rows = math.prod(x_shape[:-1])
     staged = next(r for r in (1, 2, 4, 8, 16, rows) if r >= rows) * x_shape[-1] * 2
     return rows <= MAX_KERNEL_ROWS and x_shape[-1] % KERNEL_COLUMNS == 0 and group_size % KERNEL_COLUMNS == 0 \
         and staged <= KERNEL_SHARED_BYTES
