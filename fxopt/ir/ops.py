@@ -329,7 +329,7 @@ def _linear_fp8_fake(input, weight, bias):
 # ============================================================ int4 weight-only linears
 # ``int4-linear`` makes ``aten.linear(x, dequantize_int4_grouped(packed, scales, zero_points, G), b)`` one
 # ``fxopt.linear_int4``: the same math, as one op a backend can hand to a kernel that dequantizes in registers
-# (the cuda backend's ``fxopt.int4.linear`` for up to 16 rows) instead of materializing the float weight.
+# (the cuda backend's ``fxopt.int4.linear`` for up to 64 rows) instead of materializing the float weight.
 _LIBRARY.define("linear_int4(Tensor input, Tensor packed, Tensor scales, Tensor? zero_points, int group_size, "
                 "Tensor? bias) -> Tensor")
 

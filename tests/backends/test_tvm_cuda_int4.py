@@ -1,4 +1,4 @@
-"""fxopt.int4.linear[_zp]: the weight-only int4 GEMM for 1 to 16 rows (issue 22), in fxopt's int4 layout.
+"""fxopt.int4.linear[_zp]: the weight-only int4 GEMM for 1 to 64 rows (issue 22), and its MMA layout.
 
 Argument checks run here in a subprocess (tests/backends/test_tvm_cuda_extension.py registers stand-ins under
 the extension's names in this process); the numbers are checked on the GPU machine (marker ``gpu``), exactly:
@@ -16,6 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fxopt.backends.tvm_cuda.int4_layout import mma_layout
 from tests.backends import extension_refusals
 from tests.harness import examples
 
@@ -25,24 +26,23 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 LINEAR, LINEAR_ZP = "fxopt.int4.linear", "fxopt.int4.linear_zp"
 
 
-def operands(m=2, n=8, k=64, groups=2):
-    return (torch.zeros(m, k).half(), torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n, groups),
-            torch.zeros(m, n).half())
+def operands(m=2, n=16, k=64, groups=2):
+    return (torch.zeros(m, k).half(), torch.zeros(n // 16, k // 64, 32, 16, dtype=torch.uint8),
+            torch.ones(n, groups), torch.zeros(m, n).half())
 
 
 BAD = {
     "x in float32": (lambda x, w, s, o: (x.float(), w, s, o), TypeError, "x and out must be float16"),
     "scales in float16": (lambda x, w, s, o: (x, w, s.half(), o), TypeError, "scales float32"),
-    "packed of another K": (lambda x, w, s, o: (x, w[:, :16].contiguous(), s, o), ValueError, r"\[N, K/2\]"),
-    "K of 48": (lambda x, w, s, o: (x[:, :48].contiguous(), w[:, :24].contiguous(), s, o), ValueError,
-                "multiple of 32"),
-    "groups of 16": (lambda x, w, s, o: (x, w, torch.ones(8, 4), o), ValueError, "G a multiple of 32"),
-    "17 rows": (lambda x, w, s, o: (torch.zeros(17, 64).half(), w, s, torch.zeros(17, 8).half()), ValueError,
-                "1 to 16 rows"),
-    "16 rows of 8192": (lambda x, w, s, o: (torch.zeros(16, 8192).half(), torch.zeros(8, 4096, dtype=torch.uint8),
-                                            torch.ones(8, 64), torch.zeros(16, 8).half()), ValueError,
-                        "fit shared memory"),
-    "out of 7 columns": (lambda x, w, s, o: (x, w, s, torch.zeros(2, 7).half()), ValueError, "M \\* N elements"),
+    "packed in fxopt's [N, K/2] layout": (lambda x, w, s, o: (x, torch.zeros(16, 32, dtype=torch.uint8), s, o),
+                                          ValueError, r"MMA layout"),
+    "packed of another K": (lambda x, w, s, o: (torch.zeros(2, 128).half(), w, s, o), ValueError,
+                            r"K/64, 32, 16\] for x"),
+    "K of 96": (lambda x, w, s, o: (torch.zeros(2, 96).half(), w, s, o), ValueError, "multiple of 64"),
+    "groups of 8": (lambda x, w, s, o: (x, w, torch.ones(16, 8), o), ValueError, "G a multiple of 16"),
+    "65 rows": (lambda x, w, s, o: (torch.zeros(65, 64).half(), w, s, torch.zeros(65, 16).half()), ValueError,
+                "1 to 64 rows"),
+    "out of 15 columns": (lambda x, w, s, o: (x, w, s, torch.zeros(2, 15).half()), ValueError, "M \\* N elements"),
     "on the CPU": (lambda x, w, s, o: (x, w, s, o), ValueError, "must be on the GPU"),
 }
 
@@ -52,7 +52,7 @@ def refusal_calls():
     linear, linear_zp = tvm_ffi.get_global_func(LINEAR), tvm_ffi.get_global_func(LINEAR_ZP)
     calls = {case: (lambda make=make: linear(*make(*operands()))) for case, (make, _, _) in BAD.items()}
     x, w, s, o = operands()
-    calls["zeros of another shape"] = lambda: linear_zp(x, w, s, torch.zeros(8, 3, dtype=torch.int8), o)
+    calls["zeros of another shape"] = lambda: linear_zp(x, w, s, torch.zeros(16, 3, dtype=torch.int8), o)
     return calls
 
 
@@ -82,16 +82,53 @@ def int4():
     return tvm_ffi.get_global_func(LINEAR), tvm_ffi.get_global_func(LINEAR_ZP)
 
 
+def test_the_mma_layout_gives_each_lane_its_a_fragment():
+    """Each code lands where mma.m16n8k16's A fragment wants it (PTX ISA: lane 4g + t holds rows g and g + 8 at
+    columns 2t, 2t + 1, 2t + 8, 2t + 9; register p = 2j + h, element e at bit 16e + 4p), a 16-byte word holding 4
+    tiles along K: placed one code at a time, on 32 x 128 weights, every position checked."""
+    n, k = 32, 128
+    for row in range(n):
+        for col in range(k):
+            codes = torch.zeros(n, k, dtype=torch.uint8)
+            codes[row, col] = 0xB
+            laid = mma_layout(codes[:, 0::2] | (codes[:, 1::2] << 4))
+            g, h, tile = row % 8, (row % 16) // 8, row // 16
+            chunk, c, j, t, e = col // 64, (col % 64) // 16, (col % 16) // 8, (col % 8) // 2, col % 2
+            word = laid[tile, chunk, 4 * g + t, 4 * c:4 * c + 4].to(torch.int64)
+            value = int(sum(int(b) << (8 * i) for i, b in enumerate(word)))
+            assert value == 0xB << (16 * e + 4 * (2 * j + h)), (row, col, hex(value))
+            assert int(laid.to(torch.int64).sum()) == int(word.sum())  # nothing else moved
+
+
+def test_relax_and_torch_make_the_same_layout():
+    """The converter's Relax rearrangement (run by TVM on the CPU) equals the torch one on random codes."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from fxopt.backends.tvm_cuda.int4_layout import mma_layout_relax
+    packed = torch.randint(0, 256, (48, 96), dtype=torch.uint8)
+    bb = relax.BlockBuilder()
+    arg = relax.Var("packed", relax.TensorType((48, 96), "uint8"))
+    with bb.function("main", [arg]):
+        with bb.dataflow():
+            out = bb.emit_output(mma_layout_relax(bb, arg))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(packed.numpy())).numpy()
+    assert np.array_equal(got, mma_layout(packed).numpy())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("zero_points", [False, True], ids=["symmetric", "zero-points"])
 @examples(30)
-@given(m=st.integers(1, 16), n=st.integers(1, 300), words=st.integers(1, 40), group=st.sampled_from([32, 64, 128]),
-       seed=st.integers(0, 2**31))
-def test_int4_linear_is_exact_on_small_integers(int4, zero_points, m, n, words, group, seed):
-    """Against fxopt.dequantize_int4_grouped (the eager reference) and an fp32 matmul, exactly. N not a multiple
-    of the 32 rows a block computes, K of 1 to 40 words of 32 columns (a group may be cut: K = words * 32 must
-    divide into groups, so K is rounded up to a multiple of the group)."""
-    k = -(-words * 32 // group) * group
+@given(m=st.integers(1, 64), tiles=st.integers(1, 20), chunks=st.integers(1, 24),
+       group=st.sampled_from([16, 32, 64, 128]), seed=st.integers(0, 2**31))
+def test_int4_linear_is_exact_on_small_integers(int4, zero_points, m, tiles, chunks, group, seed):
+    """Against fxopt.dequantize_int4_grouped (the eager reference) and an fp32 matmul, exactly. M of 1 to 64 (the
+    kernel's 1, 2, 4 and 8 tiles of x, partly filled), N of 1 to 20 tiles of 16 rows, K of 1 to 24 chunks of 64
+    columns rounded up to the group."""
+    n, k = 16 * tiles, -(-chunks * 64 // group) * group
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randint(-3, 4, (m, k), generator=gen, device="cuda").half()
     packed = torch.randint(0, 256, (n, k // 2), generator=gen, device="cuda", dtype=torch.uint8)
@@ -99,9 +136,9 @@ def test_int4_linear_is_exact_on_small_integers(int4, zero_points, m, n, words, 
     zeros = torch.randint(-8, 8, (n, k // group), generator=gen, device="cuda", dtype=torch.int8)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
     if zero_points:
-        int4[1](x, packed, scales, zeros, out)
+        int4[1](x, mma_layout(packed), scales, zeros, out)
     else:
-        int4[0](x, packed, scales, out)
+        int4[0](x, mma_layout(packed), scales, out)
     weight = torch.ops.fxopt.dequantize_int4_grouped(packed, scales, zeros if zero_points else None, group,
                                                       torch.float32)
     expected = (x.float() @ weight.T).half()

@@ -290,7 +290,7 @@ def dequantized_int4(bb, packed, scales, zero_points, group_size: int, dtype: st
 FXOPT_CONVERTERS: Dict[str, Callable] = {
     "linear_act.default": _linear_act,
     LINEAR_FP8: linear_fp8,  # convert_fp8.py: cuBLASLt's fp8 GEMM (matmul="cublaslt" builds only)
-    LINEAR_INT4: linear_int4,  # convert_int4.py: fxopt.int4.linear up to 16 rows (matmul="cublaslt" builds only)
+    LINEAR_INT4: linear_int4,  # convert_int4.py: fxopt.int4.linear up to 64 rows (matmul="cublaslt" builds only)
     "conv_act.default": _conv_act,
     "fused_gelu.default": _fused_gelu,
     "cumsum.default": _cumsum,

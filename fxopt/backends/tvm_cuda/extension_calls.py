@@ -13,7 +13,7 @@ kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
     fxopt.gelu(x, out), fxopt.gelu_tanh(x, out)                       fp32 math, fp16 in and out
     fxopt.fp8.quantize_rows(x, codes, scales)             e4m3 codes and a float32 scale per row of x
     fxopt.cublaslt.matmul_fp8[_bias](xq, wq, xs, ws, [bias,] out)    xq [.., K] @ wq[N, K]^T, scaled, fp8
-    fxopt.int4.linear[_zp](x, packed, scales, [zeros,] out)  x [1..16 rows, K] @ int4 weight^T, fp16
+    fxopt.int4.linear[_zp](x, packed, scales, [zeros,] out)  x [1..64 rows, K] @ int4 weight^T (MMA layout), fp16
 """
 from __future__ import annotations
 

@@ -1,17 +1,22 @@
-// fxopt's weight-only int4 GEMM for few rows (decode): dequantize in registers, multiply, never write the weight.
+// fxopt's weight-only int4 GEMM for few rows (decode): tensor-core MMAs on weights dequantized in registers.
 //
 //   fxopt.int4.linear(x, packed, scales, out)               out = x @ dequantize(packed, scales)^T
 //   fxopt.int4.linear_zp(x, packed, scales, zeros, out)     with a zero point per group
-// x [..., K] float16 with M = its rows, 1 to 16; packed uint8 [N, K / 2] in fxopt's int4 layout (column 2j in
-// the low nibble of byte j, 2j + 1 in the high one, each nibble the code + 8: fxopt.ir.ops.INT4_OFFSET);
-// scales float32 [N, K / G] and zeros int8 [N, K / G] for groups of G consecutive columns, G a multiple of 32;
-// out float16 [..., N]. w[n, k] = (code - zero) * scale, as fxopt.dequantize_int4_grouped computes it.
+// x [..., K] float16 with M = its rows, 1 to 64; packed uint8 [N / 16, K / 64, 32, 16] in the MMA layout below
+// (fxopt.backends.tvm_cuda.int4_layout makes it from fxopt's [N, K / 2] layout); scales float32 [N, K / G] and
+// zeros int8 [N, K / G] for groups of G consecutive columns, G a multiple of 16; out float16 [..., N].
+// w[n, k] = (nibble - 8 - zero) * scale, as fxopt.dequantize_int4_grouped computes it.
 //
-// At M <= 16 the GEMM is memory-bound on the weight: int4 reads a quarter of fp16's bytes. A block of 8 warps
-// stages x in shared memory (M * K * 2 bytes, at most 200 KiB) and each warp computes kRows output columns:
-// every lane streams 4-byte words of packed codes (8 weights) for its rows, kUnroll words at once so enough
-// loads are in flight, dequantizes them in registers and accumulates M dot products in fp32 (x's 8 values a
-// 16-byte shared load, the warp's lanes on consecutive ones); a warp shuffle sums the lanes.
+// The MMA is mma.sync m16n8k16 with the weight as A (16 weight rows by 16 columns of K) and x as B (16 columns
+// of K by 8 rows of x), so one MMA serves up to 8 rows of x and the GEMM stays bound by the weight's bytes. The
+// layout gives each lane exactly its A fragment: for a 16 x 16 tile, lane 4g + t holds rows g and g + 8 at
+// columns 2t, 2t + 1, 2t + 8 and 2t + 9, in one 4-byte word whose nibble pair p (bits 4p and 16 + 4p) is A
+// register p; a lane's 16 bytes are 4 consecutive tiles along K (64 columns), and the 32 lanes' 512 bytes are
+// contiguous. A nibble pair becomes a half2 exactly: OR it into the exponent of 1024 and subtract 1032 + zero.
+// Each 16-column step multiplies in fp32 by its group's scale, so the result is exact on small integers.
+//
+// A block computes 16 weight rows; its 8 warps take interleaved 64-column chunks of K (kUnroll 16-byte loads
+// in flight per lane) and sum their partial results through shared memory.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <tvm/ffi/container/tensor.h>
@@ -26,98 +31,122 @@ namespace fxopt_int4 {
 using tvm::ffi::TensorView;
 
 constexpr int kWarps = 8;
-constexpr int kRows = 4;    // output columns (weight rows) a warp computes
-constexpr int kUnroll = 4;  // 4-byte words (8 codes) a lane loads per row before it computes
-// x is staged whole in shared memory: M rounded up to the kernel's rows, times K, in float16, at most this
-constexpr int64_t kMaxSharedBytes = 200 * 1024;
-constexpr int kMaxM = 16;
-constexpr int kOffset = 8;  // a nibble is the code + 8
+constexpr int kChunk = 64;     // columns of K in a lane's 16 bytes
+constexpr int kTileRows = 16;  // weight rows of a block (the MMA's M)
+constexpr int kMaxM = 64;      // rows of x: 8 MMA tiles of 8
+constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024)
+constexpr float kBias = 1024.f + 8.f;     // 1024 from the magic, 8 the nibble's offset
 
 struct Int4Params {
   const half* x;
-  const uint4* packed;  // [N, K / 2] bytes, read as 4-byte words of 8 codes
+  const uint4* packed;  // [N / 16, K / 64, 32 lanes] 16-byte words
   const float* scales;  // [N, K / G]
   const int8_t* zeros;  // [N, K / G] or null
   half* out;
-  int m, n, k, group;  // m <= kM of the kernel: rows from m on are zeros in shared memory and not written
+  int m, n, k, group;
 };
 
-// acc[m] += sum over the word's 8 columns (col .. col + 7) of w * x[m]; x[m]'s 8 values are one 16-byte
-// shared-memory load, and the 32 lanes of a warp read 32 consecutive ones: no bank conflicts.
-template <int kM>
-__device__ __forceinline__ void Accumulate(uint32_t word, float scale, float zero, const half* x_smem, int k, int col,
-                                           float (&acc)[kM]) {
-  float w[8];
-#pragma unroll
-  for (int b = 0; b < 4; ++b) {
-    const uint32_t byte = (word >> (8 * b)) & 0xFFu;
-    w[2 * b] = (static_cast<float>(byte & 0xFu) - kOffset - zero) * scale;
-    w[2 * b + 1] = (static_cast<float>(byte >> 4) - kOffset - zero) * scale;
-  }
-#pragma unroll
-  for (int m = 0; m < kM; ++m) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(x_smem + static_cast<int64_t>(m) * k + col);
-    const half2* xs = reinterpret_cast<const half2*>(&raw);
-    float sum = acc[m];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 v = __half22float2(xs[j]);
-      sum = fmaf(w[2 * j], v.x, fmaf(w[2 * j + 1], v.y, sum));
-    }
-    acc[m] = sum;
+// A register `pair` of a lane's word: the two nibbles at bits 4 * pair and 16 + 4 * pair, minus `bias` (half2).
+__device__ __forceinline__ uint32_t Dequantize(uint32_t word, int pair, half2 bias) {
+  uint32_t raw = ((word >> (4 * pair)) & 0x000F000Fu) | kMagic;
+  half2 value = __hsub2(*reinterpret_cast<half2*>(&raw), bias);
+  return *reinterpret_cast<uint32_t*>(&value);
+}
+
+__device__ __forceinline__ void Mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&d)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f), "f"(0.f), "f"(0.f));
+}
+
+// x's B fragment for MMA tile `tile` at column `col`: row 8 * tile + g, columns col + 2t (+ 1) and + 8 (+ 9).
+__device__ __forceinline__ void LoadX(const Int4Params& p, int tile, int col, int g, int t, uint32_t& b0,
+                                      uint32_t& b1) {
+  const int row = 8 * tile + g;
+  b0 = b1 = 0u;
+  if (row < p.m) {
+    const uint32_t* x = reinterpret_cast<const uint32_t*>(p.x + static_cast<int64_t>(row) * p.k + col + 2 * t);
+    b0 = __ldg(x);
+    b1 = __ldg(x + 4);
   }
 }
 
-template <int kM>
-__global__ void __launch_bounds__(32 * kWarps) Int4Linear(Int4Params p) {
-  extern __shared__ uint4 x_words[];
-  const int words_x = p.m * p.k / 8;
-  for (int i = threadIdx.x; i < kM * p.k / 8; i += blockDim.x) {
-    x_words[i] = i < words_x ? reinterpret_cast<const uint4*>(p.x)[i] : make_uint4(0, 0, 0, 0);
+// One 16-column step: dequantize the lane's A fragment, multiply by each x tile and add it scaled by the group's
+// scale (rows g and g + 8 of the block have their own).
+template <int kTiles>
+__device__ __forceinline__ void Step(const Int4Params& p, uint32_t word, int col, int row0, int g, int t,
+                                     float (&acc)[kTiles][4]) {
+  const int64_t group0 = static_cast<int64_t>(row0) * (p.k / p.group) + col / p.group;
+  const int64_t group1 = group0 + 8 * (p.k / p.group);
+  const float zero0 = p.zeros ? static_cast<float>(p.zeros[group0]) : 0.f;
+  const float zero1 = p.zeros ? static_cast<float>(p.zeros[group1]) : 0.f;
+  const half2 bias0 = __float2half2_rn(kBias + zero0), bias1 = __float2half2_rn(kBias + zero1);
+  const uint32_t a[4] = {Dequantize(word, 0, bias0), Dequantize(word, 1, bias1), Dequantize(word, 2, bias0),
+                         Dequantize(word, 3, bias1)};
+  const float scale0 = __ldg(p.scales + group0), scale1 = __ldg(p.scales + group1);
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile) {
+    uint32_t b0, b1;
+    LoadX(p, tile, col, g, t, b0, b1);
+    float d[4];
+    Mma(a, b0, b1, d);
+    acc[tile][0] = fmaf(scale0, d[0], acc[tile][0]);
+    acc[tile][1] = fmaf(scale0, d[1], acc[tile][1]);
+    acc[tile][2] = fmaf(scale1, d[2], acc[tile][2]);
+    acc[tile][3] = fmaf(scale1, d[3], acc[tile][3]);
   }
+}
+
+// The warps' partial sums through shared memory; lane 4g + t of the result writes rows g, g + 8 of the block
+// (output columns) for x rows 8 * tile + 2t and + 1.
+template <int kTiles>
+__device__ __forceinline__ void SumAndStore(const Int4Params& p, float (&acc)[kTiles][4], int warp, int lane) {
+  __shared__ float partial[kWarps][kTiles][4][32];
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][tile][i][lane] = acc[tile][i];
   __syncthreads();
-  const half* x_smem = reinterpret_cast<const half*>(x_words);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int first_row = (blockIdx.x * kWarps + warp) * kRows;
-  const int words = p.k / 8, groups = p.k / p.group;  // 4-byte words of 8 codes a row
-  const uint32_t* packed = reinterpret_cast<const uint32_t*>(p.packed);
-  float acc[kRows][kM];
+  for (int slot = threadIdx.x; slot < kTiles * 4 * 32; slot += blockDim.x) {
+    const int tile = slot / 128, i = (slot / 32) % 4, l = slot % 32;
+    float sum = 0.f;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
-#pragma unroll
-    for (int m = 0; m < kM; ++m) acc[r][m] = 0.f;
-  for (int base = lane; base < words; base += 32 * kUnroll) {
-    uint32_t loaded[kRows][kUnroll];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int word = base + 32 * u, row = first_row + r;
-        if (word < words && row < p.n) loaded[r][u] = packed[static_cast<int64_t>(row) * words + word];
-      }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int word = base + 32 * u, row = first_row + r;
-        if (word < words && row < p.n) {
-          const int64_t g = static_cast<int64_t>(row) * groups + (word * 8) / p.group;
-          const float zero = p.zeros != nullptr ? static_cast<float>(p.zeros[g]) : 0.f;
-          Accumulate<kM>(loaded[r][u], p.scales[g], zero, x_smem, p.k, word * 8, acc[r]);
-        }
-      }
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][tile][i][l];
+    const int row = 8 * tile + 2 * (l % 4) + (i & 1), col = blockIdx.x * kTileRows + l / 4 + 8 * (i >> 1);
+    if (row < p.m) p.out[static_cast<int64_t>(row) * p.n + col] = __float2half_rn(sum);
   }
+}
+
+// kUnroll: 16-byte weight loads a lane has in flight (fewer for 8 tiles of x, whose accumulators need registers)
+template <int kTiles, int kUnroll = (kTiles >= 8 ? 2 : 4)>
+__global__ void __launch_bounds__(32 * kWarps, 2) Int4Linear(Int4Params p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int chunks = p.k / kChunk, row0 = blockIdx.x * kTileRows + g;
+  const uint4* packed = p.packed + static_cast<int64_t>(blockIdx.x) * chunks * 32 + lane;
+  float acc[kTiles][4];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int row = first_row + r;
+  for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      float v = acc[r][m];
+    for (int i = 0; i < 4; ++i) acc[tile][i] = 0.f;
+  for (int first = warp; first < chunks; first += kWarps * kUnroll) {
+    uint4 words[kUnroll];
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-      if (lane == 0 && row < p.n && m < p.m) p.out[static_cast<int64_t>(m) * p.n + row] = __float2half_rn(v);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int chunk = first + u * kWarps;
+      if (chunk < chunks) words[u] = __ldcs(packed + static_cast<int64_t>(chunk) * 32);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int chunk = first + u * kWarps;
+      if (chunk >= chunks) break;
+      const uint32_t step_words[4] = {words[u].x, words[u].y, words[u].z, words[u].w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) Step<kTiles>(p, step_words[s], chunk * kChunk + 16 * s, row0, g, t, acc);
     }
   }
+  SumAndStore<kTiles>(p, acc, warp, lane);
 }
 
 // ------------------------------------------------------------------------------------------ host
@@ -131,24 +160,31 @@ bool Is(const TensorView& t, DLDataTypeCode code, int bits) {
 
 void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
-template <int kM>
-void Launch(const Int4Params& p, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(kM) * p.k * sizeof(half);
-  if (smem > 48 * 1024) {
-    cudaFuncSetAttribute(Int4Linear<kM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  }
-  const int rows_per_block = kWarps * kRows;
-  const unsigned blocks = static_cast<unsigned>((p.n + rows_per_block - 1) / rows_per_block);
-  Int4Linear<kM><<<blocks, 32 * kWarps, smem, stream>>>(p);
+// Kernels for 1, 2, 4 and 8 tiles of 8 rows of x; M rounds up (the extra rows read as zeros, never written).
+void Dispatch(const Int4Params& p, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(p.n / kTileRows);
+  if (p.m <= 8) return Int4Linear<1><<<blocks, 32 * kWarps, 0, stream>>>(p);
+  if (p.m <= 16) return Int4Linear<2><<<blocks, 32 * kWarps, 0, stream>>>(p);
+  if (p.m <= 32) return Int4Linear<4><<<blocks, 32 * kWarps, 0, stream>>>(p);
+  Int4Linear<8><<<blocks, 32 * kWarps, 0, stream>>>(p);
 }
 
-// Kernels for 1, 2, 4, 8 and 16 rows; M rounds up to the next (its extra rows are zeros, never written).
-void Dispatch(const Int4Params& p, cudaStream_t stream) {
-  if (p.m == 1) return Launch<1>(p, stream);
-  if (p.m == 2) return Launch<2>(p, stream);
-  if (p.m <= 4) return Launch<4>(p, stream);
-  if (p.m <= 8) return Launch<8>(p, stream);
-  Launch<16>(p, stream);
+void CheckShapes(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView* zeros,
+                 const TensorView& out) {
+  Check(x.ndim() >= 1 && scales.ndim() == 2, "x must be [..., K] and scales [N, K/G]");
+  Check(packed.ndim() == 4 && packed.shape()[2] == 32 && packed.shape()[3] == 16,
+        "packed must be [N/16, K/64, 32, 16] (the MMA layout: fxopt.backends.tvm_cuda.int4_layout.mma_layout)");
+  const int64_t k = x.shape()[x.ndim() - 1], n = packed.shape()[0] * kTileRows;
+  Check(k % kChunk == 0 && packed.shape()[1] * kChunk == k, "K must be a multiple of 64, and packed [N/16, K/64, "
+        "32, 16] for x [..., K]");
+  const int64_t groups = scales.shape()[1];
+  Check(scales.shape()[0] == n && groups > 0 && k % groups == 0 && (k / groups) % 16 == 0,
+        "scales must be [N, K/G] with the group size G a multiple of 16");
+  Check(!zeros || (zeros->ndim() == 2 && zeros->shape()[0] == n && zeros->shape()[1] == groups),
+        "zeros must be shaped like scales");
+  const int64_t m = x.numel() / k;
+  Check(m >= 1 && m <= kMaxM, "x must have 1 to 64 rows (larger M: dequantize and use a GEMM)");
+  Check(out.numel() == m * n, "out must have M * N elements");
 }
 
 void Int4LinearLaunch(const TensorView& x, const TensorView& packed, const TensorView& scales,
@@ -157,31 +193,19 @@ void Int4LinearLaunch(const TensorView& x, const TensorView& packed, const Tenso
       << "fxopt.int4.linear: x and out must be float16";
   TVM_FFI_CHECK(Is(packed, kDLUInt, 8) && Is(scales, kDLFloat, 32) && (!zeros || Is(*zeros, kDLInt, 8)), TypeError)
       << "fxopt.int4.linear: packed must be uint8, scales float32 and zeros int8";
-  Check(x.ndim() >= 1 && packed.ndim() == 2 && scales.ndim() == 2, "x must be [..., K], packed [N, K/2], scales 2-D");
-  const int64_t k = x.shape()[x.ndim() - 1], n = packed.shape()[0];
-  Check(packed.shape()[1] * 2 == k, "packed must be [N, K/2] for x [..., K]");
-  Check(k % 32 == 0, "K must be a multiple of 32");
-  const int64_t groups = scales.shape()[1];
-  Check(scales.shape()[0] == n && groups > 0 && k % groups == 0 && (k / groups) % 32 == 0,
-        "scales must be [N, K/G] with the group size G a multiple of 32");
-  Check(!zeros || (zeros->ndim() == 2 && zeros->shape()[0] == n && zeros->shape()[1] == groups),
-        "zeros must be shaped like scales");
-  const int64_t m = x.numel() / k;
-  Check(m >= 1 && m <= kMaxM, "x must have 1 to 16 rows (larger M: dequantize and use a GEMM)");
-  const int64_t rounded = m <= 2 ? m : (m <= 4 ? 4 : (m <= 8 ? 8 : 16));
-  Check(rounded * k * 2 <= kMaxSharedBytes, "x must fit shared memory: M (rounded up to 1, 2, 4, 8 or 16) * K * 2 "
-        "bytes at most 200 KiB (K = 14336: up to 4 rows)");
-  Check(out.numel() == m * n, "out must have M * N elements");
+  CheckShapes(x, packed, scales, zeros, out);
   Check(x.IsContiguous() && packed.IsContiguous() && scales.IsContiguous() && out.IsContiguous() &&
             (!zeros || zeros->IsContiguous()),
         "tensors must be contiguous");
-  Check(reinterpret_cast<uintptr_t>(DataPtr(x)) % 16 == 0 && reinterpret_cast<uintptr_t>(DataPtr(packed)) % 16 == 0,
-        "x and packed must be 16-byte aligned");
+  Check(reinterpret_cast<uintptr_t>(DataPtr(x)) % 4 == 0 && reinterpret_cast<uintptr_t>(DataPtr(packed)) % 16 == 0,
+        "x must be 4-byte and packed 16-byte aligned");
   Check(x.device().device_type == kDLCUDA, "tensors must be on the GPU");
+  const int64_t k = x.shape()[x.ndim() - 1];
   Int4Params p{static_cast<const half*>(DataPtr(x)), static_cast<const uint4*>(DataPtr(packed)),
                static_cast<const float*>(DataPtr(scales)), zeros ? static_cast<const int8_t*>(DataPtr(*zeros)) : nullptr,
-               static_cast<half*>(DataPtr(out)), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-               static_cast<int>(k / groups)};
+               static_cast<half*>(DataPtr(out)), static_cast<int>(x.numel() / k),
+               static_cast<int>(packed.shape()[0] * kTileRows), static_cast<int>(k),
+               static_cast<int>(k / scales.shape()[1])};
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
   Dispatch(p, stream);
   const cudaError_t status = cudaGetLastError();

@@ -229,13 +229,14 @@ def cuda_pipeline(target, matmul: str = "default"):
 
 
 def check_extension_ops(graph, matmul: str) -> None:
-    """fp8 linears (and int4 ones of up to 16 rows) run only through fxopt's CUDA extension: refuse any other
+    """fp8 linears (and int4 ones of up to 64 rows) run only through fxopt's CUDA extension: refuse any other
     matmul path, naming the nodes."""
     def needs_extension(node) -> bool:
         name = getattr(node.target, "__name__", "")
         if name == LINEAR_INT4:
             shape = getattr(node.args[0].meta.get("val"), "shape", None)
-            return shape is not None and takes_kernel(tuple(shape), node.args[4])
+            return shape is not None and takes_kernel(tuple(shape), int(node.args[1].meta["val"].shape[0]),
+                                                      node.args[4])
         return name == LINEAR_FP8
 
     nodes = [n.name for n in graph.call_nodes() if needs_extension(n)]

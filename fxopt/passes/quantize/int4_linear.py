@@ -7,7 +7,7 @@ becomes
 
 Exact: ``fxopt.linear_int4``'s eager kernel is the same dequantize and linear. Run it after
 ``insert-qdq{scheme=weight-only,bits=4}``; the ``cuda`` target does for ``precision="int4-weight"``, and its
-backend runs the op as ``fxopt.int4.linear`` (up to 16 rows; more: the dequantized weight and a GEMM). Only a
+backend runs the op as ``fxopt.int4.linear`` (up to 64 rows; more: the dequantized weight and a GEMM). Only a
 dequantized weight in the linear's own dtype whose sole reader is the linear is taken.
 """
 from __future__ import annotations
