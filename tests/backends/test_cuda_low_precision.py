@@ -56,7 +56,7 @@ def test_fp8_linears_become_extension_calls_with_weights_quantized_at_load():
 def test_fp8_needs_cublaslt_and_says_so():
     from fxopt.backends.tvm_cuda.lower import build
     graph = fxopt.Pipeline("quantize-fp8")(fxopt.capture(Qkv().eval(), (torch.randn(4, 32),))).graph
-    with pytest.raises(LoweringError, match=r"fp8 and int4 linears \(linear, linear_1, .*\) .* need matmul='cublaslt'"):
+    with pytest.raises(LoweringError, match=r"fp8, int8 and int4 linears \(linear, linear_1, .*\) .* need matmul='cublaslt'"):
         build(graph, matmul="default", compile_kernels=False)
     with pytest.raises(InputError, match="precision='fp8' runs in fxopt's CUDA extension .* drop matmul='default'"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="fp8",
@@ -66,7 +66,7 @@ def test_fp8_needs_cublaslt_and_says_so():
 def test_precision_is_an_option_of_the_target():
     with pytest.raises(InputError, match="target 'x86-int8': unknown option 'precision'; its options: compile"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="x86-int8", precision="fp8", progress=False)
-    with pytest.raises(InputError, match=r"precision.*'fp16', 'fp8', 'int4-weight'"):
+    with pytest.raises(InputError, match=r"precision.*'fp16', 'fp8', 'int8', 'int4-weight'"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int3", progress=False)
 
 
