@@ -293,14 +293,21 @@ E4M3_MAX = 448.0
 _LIBRARY.define("linear_fp8(Tensor input, Tensor weight, Tensor? bias) -> Tensor")
 
 
-def quantize_rows_fp8(rows: torch.Tensor):
-    """(e4m3 codes, float32 scale per row) of a 2-D tensor: scale = absmax / 448 (1 for a row of zeros), codes =
-    row / scale rounded to nearest even; bitwise what ``fxopt.fp8.quantize_rows`` computes on the GPU."""
+def scaled_rows(rows: torch.Tensor, largest: float):
+    """(rows / scale, scale) in float32, each row's scale its absmax / ``largest`` (1 for a row of zeros): the
+    IEEE divisions of fxopt's CUDA row quantizers."""
     rows = rows.float()
     amax = rows.abs().amax(dim=-1)
     # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its reciprocal (1 ulp apart)
-    scales = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
-    return (rows / scales[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scales
+    scales = torch.where(amax > 0, amax / torch.full_like(amax, largest), torch.ones_like(amax))
+    return rows / scales[:, None], scales
+
+
+def quantize_rows_fp8(rows: torch.Tensor):
+    """(e4m3 codes, float32 scale per row) of a 2-D tensor: scale = absmax / 448 (1 for a row of zeros), codes =
+    row / scale rounded to nearest even; bitwise what ``fxopt.fp8.quantize_rows`` computes on the GPU."""
+    scaled, scales = scaled_rows(rows, E4M3_MAX)
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scales
 
 
 def _check_linear_weight(op: str, input: torch.Tensor, weight: torch.Tensor) -> None:
@@ -342,11 +349,8 @@ _LIBRARY.define("linear_int8(Tensor input, Tensor weight, Tensor? bias) -> Tenso
 def quantize_rows_int8(rows: torch.Tensor):
     """(int8 codes, float32 scale per row) of a 2-D tensor: scale = absmax / 127 (1 for a row of zeros), codes =
     row / scale rounded to nearest even; bitwise what ``fxopt.int8.quantize_rows`` computes on the GPU."""
-    rows = rows.float()
-    amax = rows.abs().amax(dim=-1)
-    # a tensor divisor, as in quantize_rows_fp8: torch's CUDA division by a Python scalar is not IEEE's
-    scales = torch.where(amax > 0, amax / torch.full_like(amax, INT8_MAX), torch.ones_like(amax))
-    return torch.round(rows / scales[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales
+    scaled, scales = scaled_rows(rows, INT8_MAX)
+    return torch.round(scaled).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales
 
 
 def int8_row_products(x_codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:

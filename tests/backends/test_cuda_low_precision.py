@@ -55,14 +55,18 @@ def test_fp8_linears_become_extension_calls_with_weights_quantized_at_load():
     assert main.count("fxopt.cublaslt.matmul(") + main.count("fxopt.cublaslt.matmul_bias") == 1  # the head, fp16
 
 
-def test_fp8_needs_cublaslt_and_says_so():
+@pytest.mark.parametrize("precision, matmul", [("fp8", "default"), ("int8", "mma")])
+def test_fp8_and_int8_need_cublaslt_and_say_so(precision, matmul):
     from fxopt.backends.tvm_cuda.lower import build
-    graph = fxopt.Pipeline("quantize-fp8")(fxopt.capture(Qkv().eval(), (torch.randn(4, 32),))).graph
-    with pytest.raises(LoweringError, match=r"fp8, int8 and int4 linears \(linear, linear_1, .*\) .* need matmul='cublaslt'"):
-        build(graph, matmul="default", compile_kernels=False)
-    with pytest.raises(InputError, match="precision='fp8' runs in fxopt's CUDA extension .* drop matmul='default'"):
-        fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="fp8",
-                       options={"matmul": "default"}, progress=False)
+    x = torch.randn(4, 32)
+    graph = fxopt.Pipeline(f"quantize-{precision}")(fxopt.capture(Qkv().eval(), (x,))).graph
+    with pytest.raises(LoweringError, match=r"fp8, int8 and int4 linears \(linear, linear_1, .*\) .* need "
+                                            f"matmul='cublaslt', not matmul='{matmul}'"):
+        build(graph, matmul=matmul, compile_kernels=False)
+    with pytest.raises(InputError, match=f"precision='{precision}' runs in fxopt's CUDA extension .* drop "
+                                         f"matmul='{matmul}'"):
+        fxopt.optimize(Qkv().eval(), (x,), target="cuda", precision=precision, calibration_data=[(x,)],
+                       options={"matmul": matmul}, progress=False)
 
 
 def test_precision_is_an_option_of_the_target():
@@ -105,16 +109,6 @@ def test_fp8_and_int8_linears_reading_one_input_quantize_it_once_each():
     main, _ = relax_calls(mixed)
     assert main.count("fxopt.fp8.quantize_rows") == 3 and main.count("fxopt.int8.quantize_rows") == 1
     assert main.count("fxopt.cublaslt.matmul_fp8_bias") == 4 and main.count("fxopt.cublaslt.matmul_int8") == 1
-
-
-def test_int8_needs_cublaslt_and_says_so():
-    from fxopt.backends.tvm_cuda.lower import build
-    graph = fxopt.Pipeline("quantize-int8")(fxopt.capture(Qkv().eval(), (torch.randn(4, 32),))).graph
-    with pytest.raises(LoweringError, match=r"fp8, int8 and int4 linears \(linear, linear_1, .*\) .* need matmul="):
-        build(graph, matmul="mma", compile_kernels=False)
-    with pytest.raises(InputError, match="precision='int8' runs in fxopt's CUDA extension .* drop matmul='default'"):
-        fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int8",
-                       calibration_data=[(torch.randn(4, 32),)], options={"matmul": "default"}, progress=False)
 
 
 def test_the_int8_artifact_is_smoothed_on_the_calibration_data_records_its_precision_and_loads(tmp_path):

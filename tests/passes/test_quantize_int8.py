@@ -14,24 +14,13 @@ import importlib.util
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 import fxopt
 from fxopt.ir.ops import INT8_MAX, quantize_rows_int8
 from tests.harness import examples
+from tests.passes.test_quantize_fp8 import LINEAR_SHAPES, Mlp, random_linear
 
 INT8 = torch.ops.fxopt.linear_int8.default
-
-
-class Mlp(torch.nn.Module):
-    def __init__(self, sizes):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
-
-    def forward(self, x):
-        for layer in self.layers[:-1]:
-            x = torch.relu(layer(x))
-        return self.layers[-1](x)
 
 
 class SharedWeight(torch.nn.Module):
@@ -90,12 +79,9 @@ def worst_case(x, w):
 
 
 @examples(40)
-@given(m=st.integers(1, 9), k=st.sampled_from([16, 48, 128]), n=st.sampled_from([16, 64]),
-       spread=st.sampled_from([1e-3, 1.0, 100.0]), seed=st.integers(0, 2**31))
+@given(**LINEAR_SHAPES)
 def test_linear_int8_stays_within_the_int8_rounding_bound(m, k, n, spread, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, k) * spread  # columns of different magnitudes
-    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    x, w = random_linear(m, k, n, spread, seed)
     error = (INT8(x, w, None) - x @ w.T).abs()
     assert (error <= worst_case(x, w)).all(), (error / worst_case(x, w)).max()
     assert error.max() > 0  # it does quantize
@@ -119,7 +105,8 @@ def test_linear_int8_keeps_leading_dimensions_dtype_and_bias():
     assert torch.equal(INT8(x, w, b), INT8(x.reshape(6, 32), w, None).reshape(2, 3, 16) + b)
     half = INT8(x.half(), w, None)
     assert half.dtype == torch.float16 and half.shape == (2, 3, 16)
-    with pytest.raises(ValueError, match=r"linear_int8: weight must be \[out, in\].*input \(2, 3, 32\), weight \(16, 31\)"):
+    with pytest.raises(ValueError, match=r"linear_int8: weight must be \[out, in\].*input \(2, 3, 32\), "
+                                         r"weight \(16, 31\)"):
         INT8(x, torch.randn(16, 31), None)
 
 

@@ -157,18 +157,25 @@ bool IsFp8(const TensorView& t) {
 
 bool IsFloat32(const TensorView& t) { return t.dtype().code == kDLFloat && t.dtype().bits == 32; }
 
-Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& x_scale, const TensorView& w_scale,
-                    const TensorView* bias, const TensorView& out) {
-  TVM_FFI_CHECK(IsFp8(x) && IsFp8(w), TypeError) << "fxopt.cublaslt: fp8 x and w must be float8_e4m3fn";
-  TVM_FFI_CHECK(x.ndim() >= 2 && w.ndim() == 2, ValueError) << "fxopt.cublaslt: fp8 x must be [..., M, K], w [N, K]";
+// The "TN" GEMMs (fp8, int8: ``kind``): x [..., M, K] and w [N, K], a linear's weight, not transposed.
+Problem DescribeTN(const TensorView& x, const TensorView& w, const char* kind) {
+  TVM_FFI_CHECK(x.ndim() >= 2 && w.ndim() == 2, ValueError)
+      << "fxopt.cublaslt: " << kind << " x must be [..., M, K], w [N, K]";
   Problem p;
-  p.fp8 = true;
   p.batch = 1;
   p.k = x.shape()[x.ndim() - 1];
   p.m = Numel(x, 0, x.ndim() - 1);
   p.n = w.shape()[0];
   TVM_FFI_CHECK(w.shape()[1] == p.k, ValueError)
-      << "fxopt.cublaslt: fp8 inner dimensions differ (x [..., K], w [N, K])";
+      << "fxopt.cublaslt: " << kind << " inner dimensions differ (x [..., K], w [N, K])";
+  return p;
+}
+
+Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& x_scale, const TensorView& w_scale,
+                    const TensorView* bias, const TensorView& out) {
+  TVM_FFI_CHECK(IsFp8(x) && IsFp8(w), TypeError) << "fxopt.cublaslt: fp8 x and w must be float8_e4m3fn";
+  Problem p = DescribeTN(x, w, "fp8");
+  p.fp8 = true;
   TVM_FFI_CHECK(p.k % 16 == 0, ValueError) << "fxopt.cublaslt: fp8 needs K a multiple of 16, got " << p.k;
   TVM_FFI_CHECK(Numel(out, 0, out.ndim()) == p.m * p.n, ValueError)
       << "fxopt.cublaslt: out has the wrong number of elements";
@@ -201,16 +208,9 @@ bool IsInt32(const TensorView& t) { return t.dtype().code == kDLInt && t.dtype()
 Problem DescribeInt8(const TensorView& x, const TensorView& w, const TensorView& out) {
   TVM_FFI_CHECK(IsInt8(x) && IsInt8(w), TypeError) << "fxopt.cublaslt: int8 x and w must be int8";
   TVM_FFI_CHECK(IsInt32(out), TypeError) << "fxopt.cublaslt: int8 out must be int32";
-  TVM_FFI_CHECK(x.ndim() >= 2 && w.ndim() == 2, ValueError) << "fxopt.cublaslt: int8 x must be [..., M, K], w [N, K]";
-  Problem p;
+  Problem p = DescribeTN(x, w, "int8");
   p.int8 = true;
-  p.batch = 1;
-  p.k = x.shape()[x.ndim() - 1];
-  p.m = Numel(x, 0, x.ndim() - 1);
-  p.n = w.shape()[0];
   p.dtype = CUDA_R_32I;
-  TVM_FFI_CHECK(w.shape()[1] == p.k, ValueError)
-      << "fxopt.cublaslt: int8 inner dimensions differ (x [..., K], w [N, K])";
   TVM_FFI_CHECK(p.k % 4 == 0 && p.n % 4 == 0, ValueError)
       << "fxopt.cublaslt: int8 needs K and N multiples of 4 (cuBLASLt's IMMA kernels), got K=" << p.k << ", N=" << p.n;
   TVM_FFI_CHECK(Numel(out, 0, out.ndim()) == p.m * p.n, ValueError)

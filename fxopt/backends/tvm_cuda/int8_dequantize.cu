@@ -67,7 +67,9 @@ void CheckOperands(const TensorView& acc, const TensorView& xs, const TensorView
   if (!IsType(xs, kDLFloat, 32) || !IsType(ws, kDLFloat, 32)) {
     TVM_FFI_THROW(TypeError) << kName << ": x_scale and w_scale must be float32";
   }
-  if (!IsHalf(out) && !IsType(out, kDLBfloat, 16)) TVM_FFI_THROW(TypeError) << kName << ": out must be float16 or bfloat16";
+  if (!IsHalf(out) && !IsType(out, kDLBfloat, 16)) {
+    TVM_FFI_THROW(TypeError) << kName << ": out must be float16 or bfloat16";
+  }
   Check(acc.ndim() >= 1 && acc.numel() == out.numel(), "acc must be [..., N] and out as many elements");
   const int64_t n = acc.shape()[acc.ndim() - 1];
   Check(n > 0 && ws.numel() == n, "w_scale must have N elements (acc's last dimension)");

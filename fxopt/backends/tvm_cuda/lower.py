@@ -242,6 +242,6 @@ def check_extension_ops(graph, matmul: str) -> None:
     nodes = [n.name for n in graph.call_nodes() if needs_extension(n)]
     if nodes and matmul != "cublaslt":
         listed = ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
-        raise LoweringError(f"tvm-cuda: fp8, int8 and int4 linears ({listed}) run in fxopt's CUDA extension and need "
-                            f"matmul='cublaslt', not matmul={matmul!r}; build with matmul='cublaslt' or quantize "
-                            "them otherwise")
+        raise LoweringError(f"tvm-cuda: fp8, int8 and int4 linears ({listed}) run in fxopt's CUDA extension and "
+                            f"need matmul='cublaslt', not matmul={matmul!r}; build with matmul='cublaslt' or "
+                            "quantize them otherwise")
