@@ -113,6 +113,7 @@ OPTIONS: Dict[str, Callable] = {
                                                              epsilon=st.sampled_from([1e-3, 0.5]))),
     "half-weights": lambda n: options(max_abs=st.sampled_from([60000.0, 1.0, 0.1])),
     "quantize-fp8": lambda n: options(**skip_option(n.quantizable)),
+    "quantize-int8": lambda n: options(**skip_option(n.quantizable)),
     "int4-linear": no_options,
     "to-half": lambda n: options(keep_fp32=subsets(tuple(FP32_GROUPS), min_size=0)),
     "to-bfloat16": lambda n: options(keep_fp32=subsets(tuple(FP32_GROUPS), min_size=0)),

@@ -124,6 +124,7 @@ PASS_CASES: Dict[str, PassCase] = {
     "smooth-quant": PassCase("smooth-quant{alpha=0.8}", block_case, calibrate=True),
     "half-weights": PassCase("half-weights", block_case),
     "quantize-fp8": PassCase("quantize-fp8", block_case),
+    "quantize-int8": PassCase("quantize-int8", block_case),
     # the FFN's down projection is the one linear with 32 input columns (an int4 group)
     "int4-linear": PassCase("insert-qdq{scheme=weight-only,bits=4,group-size=32,skip=linear;linear_1;linear_2;"
                             "linear_3;linear_4},int4-linear", block_case),

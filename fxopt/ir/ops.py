@@ -293,25 +293,33 @@ E4M3_MAX = 448.0
 _LIBRARY.define("linear_fp8(Tensor input, Tensor weight, Tensor? bias) -> Tensor")
 
 
-def quantize_rows_fp8(rows: torch.Tensor):
-    """(e4m3 codes, float32 scale per row) of a 2-D tensor: scale = absmax / 448 (1 for a row of zeros), codes =
-    row / scale rounded to nearest even; bitwise what ``fxopt.fp8.quantize_rows`` computes on the GPU."""
+def scaled_rows(rows: torch.Tensor, largest: float):
+    """(rows / scale, scale) in float32, each row's scale its absmax / ``largest`` (1 for a row of zeros): the
+    IEEE divisions of fxopt's CUDA row quantizers."""
     rows = rows.float()
     amax = rows.abs().amax(dim=-1)
     # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its reciprocal (1 ulp apart)
-    scales = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
-    return (rows / scales[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scales
+    scales = torch.where(amax > 0, amax / torch.full_like(amax, largest), torch.ones_like(amax))
+    return rows / scales[:, None], scales
 
 
-def _check_linear_fp8(input: torch.Tensor, weight: torch.Tensor) -> None:
+def quantize_rows_fp8(rows: torch.Tensor):
+    """(e4m3 codes, float32 scale per row) of a 2-D tensor: scale = absmax / 448 (1 for a row of zeros), codes =
+    row / scale rounded to nearest even; bitwise what ``fxopt.fp8.quantize_rows`` computes on the GPU."""
+    scaled, scales = scaled_rows(rows, E4M3_MAX)
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scales
+
+
+def _check_linear_weight(op: str, input: torch.Tensor, weight: torch.Tensor) -> None:
+    """fxopt.linear_fp8 and linear_int8 (``op``): a float weight [out, in] matching the input."""
     if weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fxopt.linear_fp8: weight must be [out, in] with in = the input's last dimension; "
+        raise ValueError(f"fxopt.{op}: weight must be [out, in] with in = the input's last dimension; "
                          f"got input {tuple(input.shape)}, weight {tuple(weight.shape)}")
 
 
 @torch.library.impl(_LIBRARY, "linear_fp8", "CompositeExplicitAutograd")
 def _linear_fp8_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_linear_fp8(input, weight)
+    _check_linear_weight("linear_fp8", input, weight)
     x_codes, x_scales = quantize_rows_fp8(input.reshape(-1, input.shape[-1]))
     w_codes, w_scales = quantize_rows_fp8(weight)
     out = (x_codes.float() * x_scales[:, None]) @ (w_codes.float() * w_scales[:, None]).T
@@ -322,7 +330,55 @@ def _linear_fp8_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional
 
 @torch.library.register_fake(f"{NAMESPACE}::linear_fp8", lib=_LIBRARY)
 def _linear_fp8_fake(input, weight, bias):
-    _check_linear_fp8(input, weight)
+    _check_linear_weight("linear_fp8", input, weight)
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+# ================================================================ int8 linears
+# ``quantize-int8`` makes ``aten.linear(x, w, b)`` one ``fxopt.linear_int8(x, w, b)``: x quantized to int8 per
+# token (each row of the flattened [M, K] input, at run time) and w per output channel, symmetric, each row's
+# scale absmax / 127; the int8 products summed exactly in int32, then scaled back in fp32 (row scale, then column
+# scale, then the bias: the order and roundings of the cuda backend's fxopt.int8.dequantize). The weight stays in
+# float in the graph; the cuda backend quantizes it once, at load. This eager kernel is the reference the GPU path
+# is tested against.
+INT8_MAX = 127.0
+
+_LIBRARY.define("linear_int8(Tensor input, Tensor weight, Tensor? bias) -> Tensor")
+
+
+def quantize_rows_int8(rows: torch.Tensor):
+    """(int8 codes, float32 scale per row) of a 2-D tensor: scale = absmax / 127 (1 for a row of zeros), codes =
+    row / scale rounded to nearest even; bitwise what ``fxopt.int8.quantize_rows`` computes on the GPU."""
+    scaled, scales = scaled_rows(rows, INT8_MAX)
+    return torch.round(scaled).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales
+
+
+def int8_row_products(x_codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    """The exact int32 sums ``x_codes @ w_codes.T`` of int8 codes: float64 holds every partial sum exactly
+    (|sum| <= 127^2 K < 2^53), on any device and in any summation order."""
+    return (x_codes.double() @ w_codes.double().T).to(torch.int32)
+
+
+def dequantize_int32_rows(acc, x_scales, w_scales, bias, dtype: torch.dtype) -> torch.Tensor:
+    """``acc * x_scales[m] * w_scales[n] + bias[n]`` in fp32, in that order, rounded once to ``dtype``."""
+    out = acc.float() * x_scales[:, None] * w_scales[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)
+
+
+@torch.library.impl(_LIBRARY, "linear_int8", "CompositeExplicitAutograd")
+def _linear_int8_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_linear_weight("linear_int8", input, weight)
+    x_codes, x_scales = quantize_rows_int8(input.reshape(-1, input.shape[-1]))
+    w_codes, w_scales = quantize_rows_int8(weight)
+    out = dequantize_int32_rows(int8_row_products(x_codes, w_codes), x_scales, w_scales, bias, input.dtype)
+    return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_int8", lib=_LIBRARY)
+def _linear_int8_fake(input, weight, bias):
+    _check_linear_weight("linear_int8", input, weight)
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 

@@ -12,6 +12,11 @@ from fxopt.targets.base import Build, Preset, Target, say
 from fxopt.targets.registry import register_target
 
 INT4_GROUP = 128
+#: smooth-quant's migration strength before int8 GEMMs with per-token activations. Real MiniLM, every linear
+#: int8, cosine / NN against fp32 on 128 held-out sentences (eager reference kernel, fp32): no smoothing
+#: 0.9975 / 0.930; alpha 0.3 0.9973 / 0.953, 0.5 0.9987 / 0.969, 0.65 0.9987 / 0.953, 0.8 0.9985 / 0.922
+#: (tests/passes/test_quantize_int8.py).
+INT8_SMOOTH_ALPHA = 0.5
 
 
 def int4_weight_spec(graph) -> str:
@@ -26,8 +31,15 @@ def int4_weight_spec(graph) -> str:
     return f"insert-qdq{{scheme=weight-only,bits=4,group-size={INT4_GROUP}{skip}}},int4-linear"
 
 
+def int8_spec(graph) -> str:
+    """smooth-quant (on the graph :meth:`CudaTarget.build` calibrated), then int8 GEMMs."""
+    return f"smooth-quant{{alpha={INT8_SMOOTH_ALPHA}}},quantize-int8"
+
+
 #: precision -> the pipeline spec that quantizes the graph for it
-PRECISION_PASSES = {"fp8": lambda graph: "quantize-fp8", "int4-weight": int4_weight_spec}
+PRECISION_PASSES = {"fp8": lambda graph: "quantize-fp8", "int8": int8_spec, "int4-weight": int4_weight_spec}
+#: precisions whose passes read calibrated activation statistics (smooth-quant's per-channel ranges)
+CALIBRATED_PRECISIONS = ("int8",)
 
 #: The fastest measured on the H100 (benchmarks/results/gpu_bert_norm_act.md); epilogue fusion is TVM's.
 CUDA_PRESETS = {"fast": Preset("cleanup,fuse-attention", "attention fused into fxopt's kernel, float16 compute")}
@@ -37,18 +49,25 @@ CUDA_PRESETS = {"fast": Preset("cleanup,fuse-attention", "attention fused into f
 class CudaTarget(Target):
     name = "cuda"
     presets = CUDA_PRESETS
-    #: precision: "fp16" (GEMMs in float16, fp32 accumulation), "fp8" (linears as e4m3 GEMMs) or "int4-weight"
-    #: (linear weights int4 per group of 128 input columns; few-row calls in fxopt's int4 kernel)
+    #: precision: "fp16" (GEMMs in float16, fp32 accumulation), "fp8" (linears as e4m3 GEMMs), "int8"
+    #: (smooth-quant, then linears as int8 GEMMs with int32 sums) or "int4-weight" (linear weights int4 per group
+    #: of 128 input columns; few-row calls in fxopt's int4 kernel)
     options = {"matmul": ("cublaslt", "default", "mma"), "dtype": ("float16", "float32"),
-               "precision": ("fp16", "fp8", "int4-weight")}
+               "precision": ("fp16", "fp8", "int8", "int4-weight")}
     #: the per-layer comparison would run the whole model on the CPU of a machine that may be only the builder
     reports_layer_error = False
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the precision reads calibration data: int8's smooth-quant does. Without ``calibration_data``
+        it calibrates on the example inputs, and optimize warns (as for x86-int8)."""
+        return self.settings["precision"] in CALIBRATED_PRECISIONS
 
     def check_search(self) -> None:
         raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
                          "measure every candidate on the GPU; drop tolerance and choose precision= yourself "
-                         "('fp16', the default: relative error ~1e-3 on BERT; 'fp8'; 'int4-weight'), or search "
-                         "with target='x86-int8'/'eager'")
+                         "('fp16', the default: relative error ~1e-3 on BERT; 'fp8'; 'int8'; 'int4-weight'), or "
+                         "search with target='x86-int8'/'eager'")
 
     def build(self, context):
         """The pipeline's graph, its linears quantized as ``precision`` says (:data:`PRECISION_PASSES`)."""
@@ -57,13 +76,21 @@ class CudaTarget(Target):
             return Build(context.fused, context.pipeline, self.name)
         if self.settings["matmul"] != "cublaslt":
             raise InputError(f"optimize(target='cuda'): precision={precision!r} runs in fxopt's CUDA extension "
-                             f"(cuBLASLt's fp8 GEMM, the int4 kernel); drop matmul={self.settings['matmul']!r} "
-                             "(the default, 'cublaslt', is needed)")
+                             f"(cuBLASLt's fp8 and int8 GEMMs, the int4 kernel); drop "
+                             f"matmul={self.settings['matmul']!r} (the default, 'cublaslt', is needed)")
         from fxopt.passes.infra.pipeline import Pipeline
         spec = PRECISION_PASSES[precision](context.fused)
         say(context.progress, f"fxopt cuda: {precision}: {spec} ...")
-        result = Pipeline(spec, calibration=context.calibration)(context.fused)  # for data-reading options
+        graph = self._calibrated(context) if precision in CALIBRATED_PRECISIONS else context.fused
+        result = Pipeline(spec, calibration=context.calibration)(graph)  # for data-reading options
         return Build(result.graph, f"{context.pipeline},{spec}", self.name, {"quantize": result.stats})
+
+    @staticmethod
+    def _calibrated(context):
+        """The pipeline's graph with activation statistics from the calibration batches (the example inputs
+        when optimize got no calibration_data)."""
+        from fxopt.passes.quantize.calibrate import calibrate
+        return calibrate(context.fused, context.calibration, progress=context.progress)
 
     def runs_here(self) -> bool:
         import torch

@@ -1,12 +1,14 @@
-"""precision="fp8" and "int4-weight" on the cuda target, on the CPU machine: what the Relax module calls, the
-build, the artifact.
+"""precision="fp8", "int8" and "int4-weight" on the cuda target, on the CPU machine: what the Relax module calls,
+the build, the artifact.
 
-The numbers are checked on the GPU machine: tests/backends/test_tvm_cuda_fp8.py, test_tvm_cuda_int4.py (kernels) and
+The numbers are checked on the GPU machine: tests/backends/test_tvm_cuda_fp8.py, test_tvm_cuda_int8.py,
+test_tvm_cuda_int4.py (kernels) and
 benchmarks/gpu_cuda_target.py (artifacts against the eager fp8 pipeline, benchmarks/results/gpu_cuda_target.md).
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -53,20 +55,24 @@ def test_fp8_linears_become_extension_calls_with_weights_quantized_at_load():
     assert main.count("fxopt.cublaslt.matmul(") + main.count("fxopt.cublaslt.matmul_bias") == 1  # the head, fp16
 
 
-def test_fp8_needs_cublaslt_and_says_so():
+@pytest.mark.parametrize("precision, matmul", [("fp8", "default"), ("int8", "mma")])
+def test_fp8_and_int8_need_cublaslt_and_say_so(precision, matmul):
     from fxopt.backends.tvm_cuda.lower import build
-    graph = fxopt.Pipeline("quantize-fp8")(fxopt.capture(Qkv().eval(), (torch.randn(4, 32),))).graph
-    with pytest.raises(LoweringError, match=r"fp8 and int4 linears \(linear, linear_1, .*\) .* need matmul='cublaslt'"):
-        build(graph, matmul="default", compile_kernels=False)
-    with pytest.raises(InputError, match="precision='fp8' runs in fxopt's CUDA extension .* drop matmul='default'"):
-        fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="fp8",
-                       options={"matmul": "default"}, progress=False)
+    x = torch.randn(4, 32)
+    graph = fxopt.Pipeline(f"quantize-{precision}")(fxopt.capture(Qkv().eval(), (x,))).graph
+    with pytest.raises(LoweringError, match=r"fp8, int8 and int4 linears \(linear, linear_1, .*\) .* need "
+                                            f"matmul='cublaslt', not matmul='{matmul}'"):
+        build(graph, matmul=matmul, compile_kernels=False)
+    with pytest.raises(InputError, match=f"precision='{precision}' runs in fxopt's CUDA extension .* drop "
+                                         f"matmul='{matmul}'"):
+        fxopt.optimize(Qkv().eval(), (x,), target="cuda", precision=precision, calibration_data=[(x,)],
+                       options={"matmul": matmul}, progress=False)
 
 
 def test_precision_is_an_option_of_the_target():
     with pytest.raises(InputError, match="target 'x86-int8': unknown option 'precision'; its options: compile"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="x86-int8", precision="fp8", progress=False)
-    with pytest.raises(InputError, match=r"precision.*'fp16', 'fp8', 'int4-weight'"):
+    with pytest.raises(InputError, match=r"precision.*'fp16', 'fp8', 'int8', 'int4-weight'"):
         fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int3", progress=False)
 
 
@@ -81,6 +87,55 @@ def test_the_fp8_artifact_records_its_precision_and_loads(tmp_path):
     loaded = fxopt.load(directory)
     assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_fp8.default)) == 5
     assert set(loaded.graph.params()) <= set(model.state_dict())  # weights stay float, under their own names
+
+
+def test_int8_linears_become_extension_calls_with_weights_quantized_at_load():
+    graph = fxopt.capture(Qkv().eval(), (torch.randn(4, 8, 32),))
+    quantized = fxopt.Pipeline("quantize-int8")(graph)
+    assert quantized.results[0].stats["linears"] == 5
+    main, lifted = relax_calls(quantized.graph)
+    # q, k and v read x: one quantization of it; up's and down's inputs one each
+    assert main.count("fxopt.int8.quantize_rows") == 3
+    assert main.count("fxopt.cublaslt.matmul_int8") == 5 and main.count("fxopt.int8.dequantize_bias") == 5
+    assert re.search(r'"fxopt.cublaslt.matmul_int8", .*R.Tensor\(\(4, 8, 32\), dtype="int32"\)', main)
+    # the five weights are quantized in main_transform_params (run once at load), never per call
+    assert lifted.count("fxopt.int8.quantize_rows") == 5 and 'dtype="int8"' in lifted
+    assert main.count("fxopt.cublaslt.matmul(") + main.count("fxopt.cublaslt.matmul_bias") == 1  # the head, fp16
+
+
+def test_fp8_and_int8_linears_reading_one_input_quantize_it_once_each():
+    graph = fxopt.capture(Qkv().eval(), (torch.randn(4, 32),))
+    mixed = fxopt.Pipeline("quantize-fp8{skip=linear_1},quantize-int8")(graph).graph  # k int8, the rest fp8
+    main, _ = relax_calls(mixed)
+    assert main.count("fxopt.fp8.quantize_rows") == 3 and main.count("fxopt.int8.quantize_rows") == 1
+    assert main.count("fxopt.cublaslt.matmul_fp8_bias") == 4 and main.count("fxopt.cublaslt.matmul_int8") == 1
+
+
+def test_the_int8_artifact_is_smoothed_on_the_calibration_data_records_its_precision_and_loads(tmp_path):
+    model, x = Qkv().eval(), torch.randn(4, 32)
+    batches = [(torch.randn(4, 32) * torch.logspace(-1, 1, 32),) for _ in range(3)]  # columns of unequal range
+    optimized = fxopt.optimize(model, (x,), target="cuda", precision="int8", calibration_data=batches,
+                               progress=False)
+    assert optimized.pipeline.endswith(",smooth-quant{alpha=0.5},quantize-int8")
+    stats = optimized.report()["quantize"]
+    # smooth-quant is exact (power-of-two factors), so it smooths every linear, the head too, which stays float
+    assert stats["0:smooth-quant"]["linears"] == 6 and stats["1:quantize-int8"]["linears"] == 5
+    assert optimized.report()["lowering"]["precision"] == "int8"
+    directory = optimized.save(tmp_path / "int8")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["extra"]["report"]["lowering"]["precision"] == "int8"
+    loaded = fxopt.load(directory)
+    assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_int8.default)) == 5
+    # smooth-quant scaled the weights' input columns by powers of two (the smoothed weights are what is saved)
+    smoothed = [t for name, t in loaded.graph.params().items() if name.endswith("_smoothed")]
+    assert len(smoothed) == 6
+
+
+def test_int8_without_calibration_data_calibrates_on_the_example_inputs_and_warns():
+    with pytest.warns(UserWarning, match=r"target='cuda'\): no calibration_data; calibrating on the example inputs"):
+        optimized = fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int8",
+                                   progress=False)
+    assert optimized.report()["quantize"]["1:quantize-int8"]["linears"] == 5
 
 
 class Mlp(torch.nn.Module):

@@ -66,13 +66,22 @@ def worst_case(x, w):
     return dx @ w.abs().T + x.abs() @ dw.T + dx @ dw.T + slop
 
 
-@examples(40)
-@given(m=st.integers(1, 9), k=st.sampled_from([16, 48, 128]), n=st.sampled_from([16, 64]),
-       spread=st.sampled_from([1e-3, 1.0, 100.0]), seed=st.integers(0, 2**31))
-def test_linear_fp8_stays_within_the_e4m3_rounding_bound(m, k, n, spread, seed):
+def random_linear(m, k, n, spread, seed):
+    """(x [m, k], w [n, k]): x's columns of different magnitudes (1/10 to 10 times ``spread``), w Gaussian."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, k) * spread  # columns of different magnitudes
-    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, k) * spread
+    return x, torch.randn(n, k, generator=gen) / k ** 0.5
+
+
+#: random linears for the rounding bounds (also tests/passes/test_quantize_int8.py)
+LINEAR_SHAPES = dict(m=st.integers(1, 9), k=st.sampled_from([16, 48, 128]), n=st.sampled_from([16, 64]),
+                     spread=st.sampled_from([1e-3, 1.0, 100.0]), seed=st.integers(0, 2**31))
+
+
+@examples(40)
+@given(**LINEAR_SHAPES)
+def test_linear_fp8_stays_within_the_e4m3_rounding_bound(m, k, n, spread, seed):
+    x, w = random_linear(m, k, n, spread, seed)
     error = (FP8(x, w, None) - x @ w.T).abs()
     assert (error <= worst_case(x, w)).all(), (error / worst_case(x, w)).max()
     assert error.max() > 0  # it does quantize

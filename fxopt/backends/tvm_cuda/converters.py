@@ -12,6 +12,7 @@ from typing import Callable, Dict
 
 from fxopt.backends.tvm_cuda.convert_fp8 import LINEAR_FP8, linear_fp8
 from fxopt.backends.tvm_cuda.convert_int4 import LINEAR_INT4, linear_int4
+from fxopt.backends.tvm_cuda.convert_int8 import LINEAR_INT8, linear_int8
 from fxopt.backends.tvm_cuda.sparse import csr_linear_densified
 
 
@@ -290,6 +291,7 @@ def dequantized_int4(bb, packed, scales, zero_points, group_size: int, dtype: st
 FXOPT_CONVERTERS: Dict[str, Callable] = {
     "linear_act.default": _linear_act,
     LINEAR_FP8: linear_fp8,  # convert_fp8.py: cuBLASLt's fp8 GEMM (matmul="cublaslt" builds only)
+    LINEAR_INT8: linear_int8,  # convert_int8.py: cuBLASLt's int8 GEMM + fxopt's dequantize (matmul="cublaslt")
     LINEAR_INT4: linear_int4,  # convert_int4.py: fxopt.int4.linear up to 64 rows (matmul="cublaslt" builds only)
     "conv_act.default": _conv_act,
     "fused_gelu.default": _fused_gelu,

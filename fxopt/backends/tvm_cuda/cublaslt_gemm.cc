@@ -5,6 +5,7 @@
 //   fxopt.cublaslt.matmul_bias(a, b, bias, out)  out = a @ b + bias   (the bias added in the fp32 epilogue)
 //   fxopt.cublaslt.matmul_fp8(x, w, x_scale, w_scale, out)            out = (x_scale * x) @ (w_scale * w)^T
 //   fxopt.cublaslt.matmul_fp8_bias(x, w, x_scale, w_scale, bias, out)   ... + bias
+//   fxopt.cublaslt.matmul_int8(x, w, out)        out = x @ w^T, int8 x int8 -> exact int32 (tensor cores, IMMA)
 // Row-major shapes: a [..., M, K], b [K, N] (a weight: a's leading dimensions fold into M) or
 // b [batch, K, N] with a [batch, M, K] (a strided-batched GEMM, e.g. attention); out [..., M, N];
 // bias [N]. a, b, out and bias share one dtype, float16 or bfloat16; products accumulate in fp32.
@@ -12,6 +13,8 @@
 // in float8_e4m3fn, K a multiple of 16; scales float32, both per tensor (x_scale [1], w_scale [1]) or both
 // vectors (x_scale [M] per token, w_scale [N] per output channel: cuBLASLt's outer-vector mode, which scales
 // both operands or neither), applied by cuBLASLt's scale pointers; out and bias float16 or bfloat16.
+// int8: x [..., M, K] and w [N, K] in int8 ("TN" as for fp8), K and N multiples of 4 (cuBLASLt's IMMA kernels
+// need them), out int32 [..., M, N]: the exact sums, which fxopt.int8.dequantize (int8_dequantize.cu) scales.
 //
 // The GEMM runs on the stream TVM says is current (TVMFFIEnvGetStream), so calls are captured
 // when the VM records a CUDA graph. A plan (descriptors, layouts, algorithm) is made once per
@@ -58,9 +61,9 @@ struct Problem {
   cudaDataType_t dtype;  // of out and bias (and of a and b, but for fp8)
   bool bias;
   int alignment;  // bytes, the smallest alignment of any pointer
-  bool fp8 = false, vector_scales = false;
+  bool fp8 = false, vector_scales = false, int8 = false;
   auto Key() const {
-    return std::make_tuple(batch, m, n, k, static_cast<int>(dtype), bias, alignment, fp8, vector_scales);
+    return std::make_tuple(batch, m, n, k, static_cast<int>(dtype), bias, alignment, fp8, vector_scales, int8);
   }
 };
 
@@ -68,6 +71,7 @@ struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t layout_a = nullptr, layout_b = nullptr, layout_c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  bool integer = false;  // int32 compute: alpha and beta are int32
 };
 
 struct Operands {
@@ -153,18 +157,25 @@ bool IsFp8(const TensorView& t) {
 
 bool IsFloat32(const TensorView& t) { return t.dtype().code == kDLFloat && t.dtype().bits == 32; }
 
-Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& x_scale, const TensorView& w_scale,
-                    const TensorView* bias, const TensorView& out) {
-  TVM_FFI_CHECK(IsFp8(x) && IsFp8(w), TypeError) << "fxopt.cublaslt: fp8 x and w must be float8_e4m3fn";
-  TVM_FFI_CHECK(x.ndim() >= 2 && w.ndim() == 2, ValueError) << "fxopt.cublaslt: fp8 x must be [..., M, K], w [N, K]";
+// The "TN" GEMMs (fp8, int8: ``kind``): x [..., M, K] and w [N, K], a linear's weight, not transposed.
+Problem DescribeTN(const TensorView& x, const TensorView& w, const char* kind) {
+  TVM_FFI_CHECK(x.ndim() >= 2 && w.ndim() == 2, ValueError)
+      << "fxopt.cublaslt: " << kind << " x must be [..., M, K], w [N, K]";
   Problem p;
-  p.fp8 = true;
   p.batch = 1;
   p.k = x.shape()[x.ndim() - 1];
   p.m = Numel(x, 0, x.ndim() - 1);
   p.n = w.shape()[0];
   TVM_FFI_CHECK(w.shape()[1] == p.k, ValueError)
-      << "fxopt.cublaslt: fp8 inner dimensions differ (x [..., K], w [N, K])";
+      << "fxopt.cublaslt: " << kind << " inner dimensions differ (x [..., K], w [N, K])";
+  return p;
+}
+
+Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& x_scale, const TensorView& w_scale,
+                    const TensorView* bias, const TensorView& out) {
+  TVM_FFI_CHECK(IsFp8(x) && IsFp8(w), TypeError) << "fxopt.cublaslt: fp8 x and w must be float8_e4m3fn";
+  Problem p = DescribeTN(x, w, "fp8");
+  p.fp8 = true;
   TVM_FFI_CHECK(p.k % 16 == 0, ValueError) << "fxopt.cublaslt: fp8 needs K a multiple of 16, got " << p.k;
   TVM_FFI_CHECK(Numel(out, 0, out.ndim()) == p.m * p.n, ValueError)
       << "fxopt.cublaslt: out has the wrong number of elements";
@@ -190,6 +201,29 @@ Problem DescribeFp8(const TensorView& x, const TensorView& w, const TensorView& 
   return p;
 }
 
+bool IsInt8(const TensorView& t) { return t.dtype().code == kDLInt && t.dtype().bits == 8 && t.dtype().lanes == 1; }
+
+bool IsInt32(const TensorView& t) { return t.dtype().code == kDLInt && t.dtype().bits == 32 && t.dtype().lanes == 1; }
+
+Problem DescribeInt8(const TensorView& x, const TensorView& w, const TensorView& out) {
+  TVM_FFI_CHECK(IsInt8(x) && IsInt8(w), TypeError) << "fxopt.cublaslt: int8 x and w must be int8";
+  TVM_FFI_CHECK(IsInt32(out), TypeError) << "fxopt.cublaslt: int8 out must be int32";
+  Problem p = DescribeTN(x, w, "int8");
+  p.int8 = true;
+  p.dtype = CUDA_R_32I;
+  TVM_FFI_CHECK(p.k % 4 == 0 && p.n % 4 == 0, ValueError)
+      << "fxopt.cublaslt: int8 needs K and N multiples of 4 (cuBLASLt's IMMA kernels), got K=" << p.k << ", N=" << p.n;
+  TVM_FFI_CHECK(Numel(out, 0, out.ndim()) == p.m * p.n, ValueError)
+      << "fxopt.cublaslt: out has the wrong number of elements";
+  TVM_FFI_CHECK(x.IsContiguous() && w.IsContiguous() && out.IsContiguous(), ValueError)
+      << "fxopt.cublaslt: int8 operands must be contiguous (strides are not read); pass .contiguous() copies";
+  p.bias = false;
+  p.alignment = Alignment({DataPtr(x), DataPtr(w), DataPtr(out)});
+  TVM_FFI_CHECK(p.alignment >= 4, ValueError) << "fxopt.cublaslt: int8 operands must be 4-byte aligned";
+  TVM_FFI_CHECK(x.device().device_type == kDLCUDA, ValueError) << "fxopt.cublaslt: int8 tensors must be on the GPU";
+  return p;
+}
+
 // Row-major C[M, N] = A[M, K] B[K, N] is column-major C^T[N, M] = B^T[N, K] A^T[K, M]:
 // cuBLASLt's "A" is our b (N x K, ld N) and its "B" is our a (K x M, ld K).
 cublasLtMatrixLayout_t Layout(cudaDataType_t dtype, int64_t rows, int64_t cols, int64_t batch) {
@@ -212,23 +246,31 @@ void SetAttribute(const Plan& plan, cublasLtMatmulDescAttributes_t attribute, co
   CheckBlas(cublasLtMatmulDescSetAttribute(plan.desc, attribute, value, size), what);
 }
 
-// fp8 in cuBLASLt's "TN" form: its A is w ([N, K] row-major = K x N column-major, transposed), its B is x
-// (K x M column-major), so A's outer-vector scale has N entries (per channel) and B's has M (per token).
-void SetFp8(Plan& plan, const Problem& p) {
+// fp8 and int8 in cuBLASLt's "TN" form: its A is w ([N, K] row-major = K x N column-major, transposed), its B
+// is x (K x M column-major), its C the row-major out [M, N] (N x M column-major).
+void SetTransposedW(Plan& plan, const Problem& p, cudaDataType_t operands) {
   cublasOperation_t transpose = CUBLAS_OP_T;
-  SetAttribute(plan, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose), "set fp8 transa");
+  SetAttribute(plan, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose), "set transa");
+  plan.layout_a = Layout(operands, p.k, p.n, 1);
+  plan.layout_b = Layout(operands, p.k, p.m, 1);
+  plan.layout_c = Layout(p.dtype, p.n, p.m, 1);
+}
+
+// fp8: A's outer-vector scale has N entries (per channel) and B's has M (per token).
+void SetFp8(Plan& plan, const Problem& p) {
+  SetTransposedW(plan, p, CUDA_R_8F_E4M3);
   int32_t mode = static_cast<int32_t>(p.vector_scales ? CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
                                                       : CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F);
   SetAttribute(plan, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode), "set fp8 w scale mode");
   SetAttribute(plan, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode), "set fp8 x scale mode");
-  plan.layout_a = Layout(CUDA_R_8F_E4M3, p.k, p.n, 1);
-  plan.layout_b = Layout(CUDA_R_8F_E4M3, p.k, p.m, 1);
-  plan.layout_c = Layout(p.dtype, p.n, p.m, 1);
 }
 
 Plan MakePlan(const Problem& p) {
   Plan plan;
-  CheckBlas(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  plan.integer = p.int8;
+  CheckBlas(cublasLtMatmulDescCreate(&plan.desc, p.int8 ? CUBLAS_COMPUTE_32I : CUBLAS_COMPUTE_32F,
+                                     p.int8 ? CUDA_R_32I : CUDA_R_32F),
+            "cublasLtMatmulDescCreate");
   if (p.bias) {
     cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
     CheckBlas(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)),
@@ -238,8 +280,9 @@ Plan MakePlan(const Problem& p) {
                                              sizeof(bias_type)),
               "set bias dtype");
   }
-  if (p.fp8) {
-    SetFp8(plan, p);
+  if (p.fp8 || p.int8) {
+    if (p.fp8) SetFp8(plan, p);
+    if (p.int8) SetTransposedW(plan, p, CUDA_R_8I);
     return plan;
   }
   plan.layout_a = Layout(p.dtype, p.n, p.k, p.batch);
@@ -269,9 +312,12 @@ void Bind(const Plan& plan, const Operands& x) {
 
 cublasStatus_t TryLaunch(DeviceState& dev, const Plan& plan, const cublasLtMatmulAlgo_t& algo, const Operands& x,
                          cudaStream_t stream) {
-  const float alpha = 1.0f, beta = 0.0f;
+  static const float kOne = 1.0f, kZero = 0.0f;
+  static const int32_t kIntOne = 1, kIntZero = 0;
+  const void* alpha = plan.integer ? static_cast<const void*>(&kIntOne) : &kOne;
+  const void* beta = plan.integer ? static_cast<const void*>(&kIntZero) : &kZero;
   Bind(plan, x);
-  return cublasLtMatmul(dev.handle, plan.desc, &alpha, x.b, plan.layout_a, x.a, plan.layout_b, &beta, x.out,
+  return cublasLtMatmul(dev.handle, plan.desc, alpha, x.b, plan.layout_a, x.a, plan.layout_b, beta, x.out,
                         plan.layout_c, x.out, plan.layout_c, &algo, dev.workspace, kWorkspaceBytes, stream);
 }
 
@@ -382,6 +428,11 @@ void GemmFp8(const TensorView& x, const TensorView& w, const TensorView& x_scale
   Run(p, operands, x.device().device_id);
 }
 
+void GemmInt8(const TensorView& x, const TensorView& w, const TensorView& out) {
+  Problem p = DescribeInt8(x, w, out);
+  Run(p, Operands{DataPtr(x), DataPtr(w), nullptr, DataPtr(out)}, x.device().device_id);
+}
+
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
@@ -396,6 +447,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
            [](TensorView x, TensorView w, TensorView xs, TensorView ws, TensorView bias, TensorView out) {
              GemmFp8(x, w, xs, ws, &bias, out);
            })
+      .def("fxopt.cublaslt.matmul_int8", [](TensorView x, TensorView w, TensorView out) { GemmInt8(x, w, out); })
       .def("fxopt.cublaslt.version", []() -> int64_t { return static_cast<int64_t>(cublasLtGetVersion()); });
 }
 

@@ -4,11 +4,14 @@ TVM 0.27's PyPI wheel has no cuBLAS, CUTLASS or FlashInfer code generation,
 and dlight's WMMA schedules reach 28-56 TFLOP/s on BERT's GEMMs where cuBLAS
 reaches ~470 (``benchmarks/results/gpu_gemm.md``). So ``build(graph,
 matmul="cublaslt")`` calls, through ``R.call_dps_packed``, TVM-FFI functions
-that this module compiles from three sources beside it:
+that this module compiles from the sources beside it:
 
 - ``cublaslt_gemm.cc``: ``fxopt.cublaslt.matmul[_bias]``, cuBLASLt on TVM's
   current stream (so the VM's CUDA graphs capture it), the fastest of
-  cuBLASLt's candidates timed once per shape;
+  cuBLASLt's candidates timed once per shape; its fp8 and int8 GEMMs too;
+- ``quantize_rows.cu``: ``fxopt.fp8.quantize_rows`` and ``fxopt.int8.quantize_rows``,
+  per-row absmax scales and codes; ``int8_dequantize.cu``: ``fxopt.int8.dequantize[_bias]``,
+  the int8 GEMM's int32 sums scaled per row and column, plus the bias, to float16;
 - ``attention.cu``: ``fxopt.attention[_bias]``, softmax(Q Kᵀ·scale + bias) V
   in one tensor-core kernel;
 - ``norm_act.cu``: ``fxopt.layer_norm``, ``fxopt.add_layer_norm[_sum]`` (residual add + LayerNorm in
@@ -36,7 +39,8 @@ from typing import Dict, List
 from fxopt.errors import ArtifactError, LoweringError
 
 HERE = os.path.dirname(__file__)
-SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu", "fp8_quantize.cu", "int4_gemm.cu")]
+SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu", "quantize_rows.cu",
+                                                  "int8_dequantize.cu", "int4_gemm.cu")]
 #: Headers the sources include: part of the cache key, not compiled on their own
 HEADERS = [os.path.join(HERE, "attention_kernel.cuh")]
 EXTENSION_NAME = "libfxopt_cuda_ext.so"

@@ -3,7 +3,8 @@
 Each is called with ``R.call_dps_packed(name, [inputs..., scalars...], out_ty)``:
 the outputs come last, allocated by TVM (destination-passing style). The
 kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
-(``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``, ``fp8_quantize.cu``, ``int4_gemm.cu``)::
+(``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``, ``quantize_rows.cu``, ``int8_dequantize.cu``,
+``int4_gemm.cu``)::
 
     fxopt.cublaslt.matmul(a, b, out)                      a [.., K] @ b [K, N] or batched [B, M, K] @ [B, K, N]
     fxopt.cublaslt.matmul_bias(a, b, bias[N], out)        + bias in the fp32 epilogue
@@ -13,6 +14,9 @@ kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
     fxopt.gelu(x, out), fxopt.gelu_tanh(x, out)                       fp32 math, fp16 in and out
     fxopt.fp8.quantize_rows(x, codes, scales)             e4m3 codes and a float32 scale per row of x
     fxopt.cublaslt.matmul_fp8[_bias](xq, wq, xs, ws, [bias,] out)    xq [.., K] @ wq[N, K]^T, scaled, fp8
+    fxopt.int8.quantize_rows(x, codes, scales)            int8 codes and a float32 scale per row of x
+    fxopt.cublaslt.matmul_int8(xq, wq, out)               xq [.., K] @ wq[N, K]^T, int8 -> int32 out
+    fxopt.int8.dequantize[_bias](acc, xs, ws, [bias,] out)   acc * xs[m] * ws[n] (+ bias[n]) -> fp16
     fxopt.int4.linear[_zp](x, packed, scales, [zeros,] out)  x [1..64 rows, K] @ int4 weight^T (MMA layout), fp16
 """
 from __future__ import annotations
@@ -22,6 +26,10 @@ GEMM_BIAS = "fxopt.cublaslt.matmul_bias"
 FP8_GEMM = "fxopt.cublaslt.matmul_fp8"
 FP8_GEMM_BIAS = "fxopt.cublaslt.matmul_fp8_bias"
 FP8_QUANTIZE_ROWS = "fxopt.fp8.quantize_rows"
+INT8_QUANTIZE_ROWS = "fxopt.int8.quantize_rows"
+INT8_GEMM = "fxopt.cublaslt.matmul_int8"
+INT8_DEQUANTIZE = "fxopt.int8.dequantize"
+INT8_DEQUANTIZE_BIAS = "fxopt.int8.dequantize_bias"
 INT4_LINEAR = "fxopt.int4.linear"
 INT4_LINEAR_ZP = "fxopt.int4.linear_zp"
 ATTENTION = "fxopt.attention"

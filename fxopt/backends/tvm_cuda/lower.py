@@ -39,6 +39,7 @@ from typing import Dict, Optional
 
 from fxopt.backends.tvm_cuda.convert_fp8 import LINEAR_FP8
 from fxopt.backends.tvm_cuda.convert_int4 import LINEAR_INT4, takes_kernel
+from fxopt.backends.tvm_cuda.convert_int8 import LINEAR_INT8
 from fxopt.backends.tvm_cuda.library import TRANSFORM_PARAMS, CudaLibrary, ParamSpec
 from fxopt.backends.tvm_cuda.relax_import import (
     KEPT_WHOLE, Converter, check_supported, decomposition_table, exported_program, first_line, import_graph,
@@ -229,19 +230,19 @@ def cuda_pipeline(target, matmul: str = "default"):
 
 
 def check_extension_ops(graph, matmul: str) -> None:
-    """fp8 linears (and int4 ones of up to 64 rows) run only through fxopt's CUDA extension: refuse any other
-    matmul path, naming the nodes."""
+    """fp8 and int8 linears (and int4 ones of up to 64 rows) run only through fxopt's CUDA extension: refuse any
+    other matmul path, naming the nodes."""
     def needs_extension(node) -> bool:
         name = getattr(node.target, "__name__", "")
         if name == LINEAR_INT4:
             shape = getattr(node.args[0].meta.get("val"), "shape", None)
             return shape is not None and takes_kernel(tuple(shape), int(node.args[1].meta["val"].shape[0]),
                                                       node.args[4])
-        return name == LINEAR_FP8
+        return name in (LINEAR_FP8, LINEAR_INT8)
 
     nodes = [n.name for n in graph.call_nodes() if needs_extension(n)]
     if nodes and matmul != "cublaslt":
         listed = ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
-        raise LoweringError(f"tvm-cuda: fp8 and int4 linears ({listed}) run in fxopt's CUDA extension and need "
-                            f"matmul='cublaslt', not matmul={matmul!r}; build with matmul='cublaslt' or quantize "
-                            "them otherwise")
+        raise LoweringError(f"tvm-cuda: fp8, int8 and int4 linears ({listed}) run in fxopt's CUDA extension and "
+                            f"need matmul='cublaslt', not matmul={matmul!r}; build with matmul='cublaslt' or "
+                            "quantize them otherwise")

@@ -19,19 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-import torch
-
-from fxopt.ir import meta as M
 from fxopt.ir.graph import Graph
 from fxopt.ir.ops import fxopt_ops
 from fxopt.passes.infra.base import Pass, PassResult
 from fxopt.passes.infra.registry import register_pass
-from fxopt.passes.quantize.calibrate import is_weight
+from fxopt.passes.quantize.gemm_linears import linears_to_quantize, retarget_linears
 
-aten = torch.ops.aten
 #: cuBLASLt's fp8 GEMM reads rows of 16 bytes: in (K) and out (N) multiples of this
 FP8_MULTIPLE = 16
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @register_pass
@@ -44,22 +39,6 @@ class QuantizeFp8(Pass):
     skip: Tuple[str, ...] = ()
 
     def run(self, graph: Graph) -> PassResult:
-        linears = [n for n in graph.call_nodes() if n.target == aten.linear.default]
-        quantized = [n for n in linears if n.name not in self.skip and self._eligible(n)]
-        for node in quantized:
-            node.target = fxopt_ops().linear_fp8.default
-            node.args = (node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None)
-        if quantized:
-            graph.recompile()
-        return PassResult(graph, bool(quantized), {"linears": len(quantized),
-                                                   "skipped": len(linears) - len(quantized)})
-
-    @staticmethod
-    def _eligible(node) -> bool:
-        x, weight = node.args[0], node.args[1]
-        x_info, w_info = M.node_info(x), M.node_info(weight)
-        if not (is_weight(weight) and isinstance(w_info, M.TensorInfo) and isinstance(x_info, M.TensorInfo)):
-            return False
-        if w_info.dtype not in FLOAT_DTYPES or x_info.dtype not in FLOAT_DTYPES or len(w_info.shape) != 2:
-            return False
-        return all(isinstance(d, int) and d % FP8_MULTIPLE == 0 for d in w_info.shape)
+        quantized, kept = linears_to_quantize(graph, self.skip, FP8_MULTIPLE)
+        retarget_linears(graph, quantized, fxopt_ops().linear_fp8.default)
+        return PassResult(graph, bool(quantized), {"linears": len(quantized), "skipped": len(kept)})
