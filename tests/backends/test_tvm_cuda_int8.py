@@ -145,7 +145,7 @@ def test_int8_gemm_is_torchs_integer_product(int8, shape):
     out = torch.full((1, m, n), -1, device="cuda", dtype=I32)
     int8[GEMM](x, w, out)
     torch.cuda.synchronize()
-    expected = (x.long() @ w.long().T).to(I32)
+    expected = (x.cpu().long() @ w.cpu().long().T).to(I32).cuda()  # torch has no int64 matmul on CUDA
     assert torch.equal(out, expected), (out != expected).sum()
 
 

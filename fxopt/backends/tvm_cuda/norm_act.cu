@@ -6,6 +6,10 @@
 //   fxopt.add_layer_norm(x, residual, gamma, beta, eps, out)           out = LN(x + residual)
 //   fxopt.add_layer_norm_sum(x, residual, gamma, beta, eps, out, sum)  the same, and sum = x + residual
 //   fxopt.gelu(x, out), fxopt.gelu_tanh(x, out)                        erf and tanh GELU
+//   fxopt.[add_]layer_norm[_sum]_quantized(..., out[, sum], codes, scales)
+//       the LayerNorms above that also quantize their float16 output per row for an fp8 or int8 GEMM: codes
+//       float8_e4m3fn or int8 and a float32 scale per row, bitwise what fxopt.{fp8,int8}.quantize_rows give on
+//       `out` (quantize_codes.cuh), without reading `out` back
 // LayerNorm normalizes over the last dimension H of `out` (gamma and beta are [H]); x, residual, out and
 // sum are any shape with rows * H elements, contiguous. Each of them, and gamma and beta, may be float16
 // or float32 (one runtime flag each: the branch is uniform over the grid). The math is fp32: the row is
@@ -27,6 +31,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "quantize_codes.cuh"
+
 namespace fxopt_norm_act {
 
 using tvm::ffi::TensorView;
@@ -38,6 +44,9 @@ struct NormParams {
   const void* beta;
   void* out;
   void* sum;  // null: not written
+  void* codes;     // null: not written; else a row's codes of `out` as stored (float16), and its scale
+  float* scales;
+  bool int8_codes;  // codes int8, else float8_e4m3fn
   int64_t rows;
   int hidden;
   float eps;
@@ -111,12 +120,57 @@ __device__ __forceinline__ float RowSum(float value, float* partial) {
   }
 }
 
+// The maximum over the threads of a row, as RowSum.
+template <int kWarps>
+__device__ __forceinline__ float RowMax(float value, float* partial) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  if constexpr (kWarps == 1) {
+    return value;
+  } else {
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) partial[warp] = value;
+    __syncthreads();
+    float total = partial[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) total = fmaxf(total, partial[w]);
+    return total;
+  }
+}
+
+// A row's codes and scale from its values as stored in float16 (v holds them, rounded): 8 codes a chunk.
+template <typename Codes, int kChunks, int kWarps>
+__device__ __forceinline__ void StoreCodes(const NormParams& p, const float (&v)[kChunks][8], int64_t row,
+                                           int lane, float* partial) {
+  constexpr int kRowThreads = 32 * kWarps;
+  const int chunks = p.hidden / 8;
+  float amax = 0.f;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c)
+    if (c * kRowThreads + lane < chunks)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(v[c][k]));
+  const float scale = fxopt_codes::RowScale<Codes>(RowMax<kWarps>(amax, partial));
+  auto* codes = static_cast<typename Codes::Code*>(p.codes) + row * p.hidden;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int chunk = c * kRowThreads + lane;
+    if (chunk < chunks) {
+      typename Codes::Code packed[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) packed[k] = Codes::Encode(v[c][k] / scale);
+      *reinterpret_cast<uint2*>(codes + chunk * 8) = *reinterpret_cast<const uint2*>(packed);
+    }
+  }
+  if (lane == 0) p.scales[row] = scale;
+}
+
 // kWarps == 1: a warp per row, kRowsPerBlock rows a block. kWarps > 1: a block of kWarps warps per row.
 // kChunks: 8-element chunks a thread holds; the row's chunk c * threads + lane, if below H / 8.
 template <int kChunks, int kWarps>
 __global__ void __launch_bounds__(kWarps == 1 ? 128 : 32 * kWarps) LayerNormKernel(NormParams p) {
   constexpr int kRowThreads = 32 * kWarps;
-  __shared__ float partial[2][kWarps];
+  __shared__ float partial[3][kWarps];
   const int lane = kWarps == 1 ? threadIdx.x % 32 : threadIdx.x;
   const int64_t row = kWarps == 1 ? static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32
                                   : static_cast<int64_t>(blockIdx.x);
@@ -183,7 +237,17 @@ __global__ void __launch_bounds__(kWarps == 1 ? 128 : 32 * kWarps) LayerNormKern
 #pragma unroll
       for (int k = 0; k < 8; ++k) v[c][k] = (v[c][k] - mean) * rstd * g[k] + b[k];
       Store8(p.out, base + chunk * 8, p.out_half, v[c]);
+      if (p.codes != nullptr) {  // the codes quantize `out` as stored: float16 (the host requires it)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[c][k] = __half2float(__float2half_rn(v[c][k]));
+      }
     }
+  }
+  if (p.codes == nullptr) return;
+  if (p.int8_codes) {
+    StoreCodes<fxopt_codes::Int8, kChunks, kWarps>(p, v, row, lane, partial[2]);
+  } else {
+    StoreCodes<fxopt_codes::E4m3, kChunks, kWarps>(p, v, row, lane, partial[2]);
   }
 }
 
@@ -281,8 +345,25 @@ void DispatchNorm(const NormParams& p, cudaStream_t stream) {
   return LaunchNorm<4, 8>(p, stream);
 }
 
+// The codes and scales of a quantizing LayerNorm: e4m3 or int8 codes like out (float16), a float32 scale a row.
+void SetCodes(NormParams& p, const TensorView& out, const TensorView& codes, const TensorView& scales) {
+  const char* fn = "fxopt.layer_norm_quantized";
+  Check(p.out_half, fn, "out must be float16 (the codes quantize it as stored)");
+  const bool e4m3 = fxopt_codes::E4m3::Holds(codes.dtype()), int8 = fxopt_codes::Int8::Holds(codes.dtype());
+  Check(e4m3 || int8, fn, "codes must be float8_e4m3fn or int8");
+  Check(codes.numel() == out.numel(), fn, "codes and out must have as many elements");
+  Check(scales.dtype().code == kDLFloat && scales.dtype().bits == 32 && scales.numel() == p.rows, fn,
+        "scales must be float32 with one element per row of out");
+  Check(codes.IsContiguous() && scales.IsContiguous(), fn, "codes and scales must be contiguous");
+  Check(Aligned16(DataPtr(codes)), fn, "codes must be 16-byte aligned");
+  p.codes = DataPtr(codes);
+  p.scales = static_cast<float*>(DataPtr(scales));
+  p.int8_codes = int8;
+}
+
 void LayerNorm(const TensorView& x, const TensorView* residual, const TensorView& gamma, const TensorView& beta,
-               double eps, const TensorView& out, const TensorView* sum) {
+               double eps, const TensorView& out, const TensorView* sum, const TensorView* codes = nullptr,
+               const TensorView* scales = nullptr) {
   const char* fn = "fxopt.layer_norm";
   Check(out.ndim() >= 1 && gamma.ndim() == 1 && beta.ndim() == 1, fn, "gamma and beta must be 1-D [H]");
   const int64_t hidden = out.shape()[out.ndim() - 1];
@@ -312,6 +393,7 @@ void LayerNorm(const TensorView& x, const TensorView* residual, const TensorView
   p.rows = numel / hidden;
   p.hidden = static_cast<int>(hidden);
   p.eps = static_cast<float>(eps);
+  if (codes != nullptr) SetCodes(p, out, *codes, *scales);
   if (p.rows == 0) return;
   cudaStream_t stream = Stream(out);
   DispatchNorm(p, stream);
@@ -356,6 +438,19 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("fxopt.add_layer_norm_sum",
            [](TensorView x, TensorView residual, TensorView gamma, TensorView beta, double eps, TensorView out,
               TensorView sum) { LayerNorm(x, &residual, gamma, beta, eps, out, &sum); })
+      .def("fxopt.layer_norm_quantized",
+           [](TensorView x, TensorView gamma, TensorView beta, double eps, TensorView out, TensorView codes,
+              TensorView scales) { LayerNorm(x, nullptr, gamma, beta, eps, out, nullptr, &codes, &scales); })
+      .def("fxopt.add_layer_norm_quantized",
+           [](TensorView x, TensorView residual, TensorView gamma, TensorView beta, double eps, TensorView out,
+              TensorView codes, TensorView scales) {
+             LayerNorm(x, &residual, gamma, beta, eps, out, nullptr, &codes, &scales);
+           })
+      .def("fxopt.add_layer_norm_sum_quantized",
+           [](TensorView x, TensorView residual, TensorView gamma, TensorView beta, double eps, TensorView out,
+              TensorView sum, TensorView codes, TensorView scales) {
+             LayerNorm(x, &residual, gamma, beta, eps, out, &sum, &codes, &scales);
+           })
       .def("fxopt.gelu", [](TensorView x, TensorView out) { GeluLaunch<kGeluErf>(x, out); })
       .def("fxopt.gelu_tanh", [](TensorView x, TensorView out) { GeluLaunch<kGeluTanh>(x, out); });
 }

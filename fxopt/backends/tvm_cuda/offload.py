@@ -12,7 +12,9 @@ Each step is a table of ``tvm.relax.dpl`` patterns and builders
   (:func:`offload_norm_act`) residual add + ``layer_norm``, GELU and fp32 splits of
   16-bit tensors become fxopt's kernels on the 16-bit tensors
   (:mod:`~fxopt.backends.tvm_cuda.rewrite_norm_act`); after each, the casts and
-  permutations left around the calls cancel (:mod:`~fxopt.backends.tvm_cuda.layout_glue`).
+  permutations left around the calls cancel (:mod:`~fxopt.backends.tvm_cuda.layout_glue`); last, a
+  LayerNorm whose output an fp8 or int8 linear quantizes writes the codes itself
+  (:mod:`~fxopt.backends.tvm_cuda.rewrite_norm_quantize`).
 
 The extension's function names are in :mod:`~fxopt.backends.tvm_cuda.extension_calls`
 and are re-exported here.
@@ -30,11 +32,14 @@ from fxopt.backends.tvm_cuda.rewrite_table import apply_table, each_function
 def offload(mod, norm_act: bool = True):
     """Rewrite every Relax function's 16-bit GEMMs (and their bias adds) into cuBLASLt calls, then tidy the glue.
 
-    ``norm_act``: also residual + LayerNorm, GELU and fp32 splits into fxopt's kernels (:func:`offload_norm_act`).
+    ``norm_act``: also residual + LayerNorm, GELU and fp32 splits into fxopt's kernels (:func:`offload_norm_act`),
+    LayerNorms quantizing their output for fp8/int8 linears included.
     """
+    from fxopt.backends.tvm_cuda.rewrite_norm_quantize import fuse_norm_quantize
+
     def rewrite(func):
         func = simplify_layout_glue(offload_gemms(func))
-        return simplify_layout_glue(offload_norm_act(func)) if norm_act else func
+        return fuse_norm_quantize(simplify_layout_glue(offload_norm_act(func))) if norm_act else func
 
     return each_function(mod, rewrite)
 

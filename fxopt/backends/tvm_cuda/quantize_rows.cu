@@ -20,32 +20,15 @@
 
 #include <cstdint>
 
+#include "quantize_codes.cuh"
+
 namespace fxopt_quantize_rows {
 
 using tvm::ffi::TensorView;
+using fxopt_codes::E4m3;
+using fxopt_codes::Int8;
 
 constexpr int kThreads = 256;
-
-// The code types: their largest value, how a scaled value becomes a code, and their DLPack dtype.
-struct E4m3 {
-  using Code = __nv_fp8_e4m3;
-  static constexpr float kMax = 448.0f;
-  static constexpr const char* kName = "fxopt.fp8.quantize_rows";
-  static constexpr const char* kCodes = "codes must be float8_e4m3fn";
-  __device__ static Code Encode(float scaled) { return Code(scaled); }  // round to nearest even, saturating
-  static bool Holds(DLDataType t) { return t.code == kDLFloat8_e4m3fn && t.bits == 8 && t.lanes == 1; }
-};
-
-struct Int8 {
-  using Code = int8_t;
-  static constexpr float kMax = 127.0f;
-  static constexpr const char* kName = "fxopt.int8.quantize_rows";
-  static constexpr const char* kCodes = "codes must be int8";
-  __device__ static Code Encode(float scaled) {  // |scaled| <= 127 up to rounding: the clamp is a guard
-    return static_cast<Code>(min(max(__float2int_rn(scaled), -127), 127));
-  }
-  static bool Holds(DLDataType t) { return t.code == kDLInt && t.bits == 8 && t.lanes == 1; }
-};
 
 enum class Input { kHalf, kBfloat, kFloat };
 
@@ -75,7 +58,7 @@ __global__ void QuantizeRows(const void* __restrict__ x, typename Codes::Code* _
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < k; i += kThreads) amax = fmaxf(amax, fabsf(Load<kInput>(x, row + i)));
   amax = BlockMax(amax);
-  const float scale = amax > 0.f ? amax / Codes::kMax : 1.f;
+  const float scale = fxopt_codes::RowScale<Codes>(amax);
   for (int64_t i = threadIdx.x; i < k; i += kThreads) codes[row + i] = Codes::Encode(Load<kInput>(x, row + i) / scale);
   if (threadIdx.x == 0) scales[blockIdx.x] = scale;
 }
