@@ -316,7 +316,8 @@ def run_model(bench: Bench, lib_dir: str, name: str, systems: List[str], profile
     libraries += [(x["library"], f"TVM, {x['label']}", "tvm_kernels_" + x["library"].removesuffix(".so"))
                   for x in entry.get("extra_libraries", [])]
     for file_name, label, profile_key in sorted(libraries, key=lambda lib: "CUDA graphs" in lib[1]):
-        system = f"fxopt cuda {'fp8' if 'quantize-fp8' in label else 'fp16'} ({label})"
+        precision = next((p for p in ("fp8", "int8") if f"quantize-{p}" in label), "fp16")
+        system = f"fxopt cuda {precision} ({label})"
 
         def fxopt_cuda(file_name=file_name, system=system, profile_key=profile_key):
             path = os.path.join(lib_dir, file_name)

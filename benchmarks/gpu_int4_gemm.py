@@ -39,7 +39,8 @@ def tinygemm(x, codes, scales, group):
     nibble (our code + 8) and zero 0 here; packed as gpt-fast packs it (even column in the high nibble)."""
     packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
     scales_and_zeros = torch.stack([scales.T, torch.zeros_like(scales.T)], dim=-1).to(torch.bfloat16).contiguous()
-    return lambda: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, group, scales_and_zeros)
+    x16 = x.to(torch.bfloat16)  # tinygemm takes bf16 activations: converted once, not timed
+    return lambda: torch._weight_int4pack_mm(x16, packed, group, scales_and_zeros)
 
 
 def one(linear, m: int, n: int, k: int) -> dict:
@@ -74,10 +75,57 @@ def one(linear, m: int, n: int, k: int) -> dict:
     return row
 
 
+#: --streaming: the weights each system cycles through exceed the 50 MB L2 this many times over
+STREAM_BYTES = 3 * 50 * 2**20
+
+
+def per_call_us(calls, reps: int = 300, trials: int = 5) -> float:
+    """Median over trials of the time per call of ``reps`` calls queued back to back, cycling through ``calls``
+    (one per weight copy): the weights stream from memory as in a decoder's layer after layer, without
+    do_bench's cache flush before every call (whose dirty lines the timed call writes back)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for r in range(reps):
+            calls[r % len(calls)]()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def streaming(linear, m: int, n: int, k: int) -> dict:
+    """fp16 cuBLAS, fxopt int4 and tinygemm, each over enough weight copies to stream from HBM (µs per call)."""
+    from fxopt.backends.tvm_cuda.int4_layout import mma_layout
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(m, k, generator=gen, device="cuda").half()
+    copies = lambda nbytes: max(2, -(-STREAM_BYTES // nbytes))  # noqa: E731
+    w16 = [torch.randn(n, k, generator=gen, device="cuda").half() for _ in range(copies(n * k * 2))]
+    codes = torch.randint(0, 16, (n, k), generator=gen, device="cuda", dtype=torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    scales = (torch.rand(n, k // GROUP, generator=gen, device="cuda") + 0.5) / (8 * k ** 0.5)
+    laid = [(mma_layout(packed), scales.clone()) for _ in range(copies(n * k // 2))]
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    row = {"m": m, "n": n, "k": k, "fp16_copies": len(w16), "int4_copies": len(laid)}
+    row["fp16_us"] = per_call_us([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
+    row["fxopt_int4_us"] = per_call_us([lambda w=w, s=s: linear(x, w, s, out) for w, s in laid])
+    try:
+        row["tinygemm_us"] = per_call_us([tinygemm(x, codes, scales, GROUP) for _ in range(len(laid))])
+    except Exception as exc:  # recorded: a torch without it
+        row["tinygemm"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    return row
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--extension", required=True, help="a built libfxopt_cuda_ext.so")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--streaming", action="store_true", help="time back-to-back calls over weight copies "
+                        "larger than L2 (per_call_us) instead of do_bench's flushed single calls")
     args = parser.parse_args(argv)
     import tvm_ffi
 
@@ -85,6 +133,14 @@ def main(argv=None) -> None:
     extension.load_extension(args.extension)
     linear = tvm_ffi.get_global_func("fxopt.int4.linear")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.streaming:
+        rows = [{"shape": name, **streaming(linear, m, n, k)} for name, n, k in SHAPES for m in (1, 4, 16)]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "mode": "streaming", "rows": rows}, f, indent=1)
+        return
     print(f"{'shape':30s} {'M':>3s} {'fp16 us':>8s} {'int4 us':>8s} {'x fp16':>7s} {'tinygemm us':>11s} {'err':>9s}")
     rows = []
     for name, n, k in SHAPES:
