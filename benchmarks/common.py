@@ -1,6 +1,9 @@
-"""Helpers shared by the benchmarks: deterministic models that both machines build identically."""
+"""Helpers shared by the benchmarks: deterministic models that both machines build identically, CUDA-event
+timing and the git revision a result came from."""
 from __future__ import annotations
 
+import os
+import subprocess
 import zlib
 
 import torch
@@ -74,3 +77,27 @@ def minilm_halves(sentences: int, batch: int = 32, max_length: int = 64) -> dict
     graph = fxopt.capture(model, calibration[0])
     return {"model": model, "tokenizer": tokenizer, "calibration": calibration, "evaluation": evaluation,
             "graph": graph, "reference": sentence_embeddings(graph, evaluation)}
+
+
+def cuda_median_ms(fn, warmup: int = 10, repeats: int = 50) -> float:
+    """Median milliseconds of ``fn`` on the GPU, each call between two CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def git_rev() -> str:
+    """The short hash of the checkout the benchmarks run from ("?" where there is none, as on the GPU machine)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except OSError:
+        return "?"

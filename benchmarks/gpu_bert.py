@@ -42,7 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: fxopt and benchmarks.common
 
-from benchmarks.common import MODELS, deterministic_init_, relative_error  # noqa: E402
+from benchmarks.common import MODELS, deterministic_init_, git_rev, relative_error  # noqa: E402
 
 SHAPES = {"bert": "batch 8 x seq 128", "gpt2": "batch 8 x seq 128", "vit": "batch 8 x 3x224x224",
           "bert-tiny": "batch 2 x seq 16"}
@@ -74,13 +74,6 @@ def first_tensor(out) -> torch.Tensor:
         return next(iter(out.values()))
     return first_tensor(out[0])
 
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE).stdout.strip() or "?"
-    except OSError:
-        return "?"
 
 
 # ===================================================================== build

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxopt  # noqa: E402
+from benchmarks.common import cuda_median_ms  # noqa: E402
 
 
 def small_bert():
@@ -110,7 +111,7 @@ def check(directory: str, names, results: str) -> list:
         plan = getattr(loaded.runner, "plan", None)
         rows.append({"model": name, "precision": MODELS[name][1], "rel_err": relative(out, io["expected"]),
                      "rel_err_vs_eager_fp8": relative(out, io["expected_fp8_eager"]) if "expected_fp8_eager" in io
-                     else None, "median_ms": median_ms(lambda: loaded(*inputs)),
+                     else None, "median_ms": cuda_median_ms(lambda: loaded(*inputs)),
                      "shape": list(inputs[0].shape), "gpu": torch.cuda.get_device_name(),
                      "regions": len(plan.regions) if plan is not None else 1,
                      "in_pytorch": sorted(plan.fallback_ops()) if plan is not None else []})
@@ -118,19 +119,6 @@ def check(directory: str, names, results: str) -> list:
     write(rows, results)
     return rows
 
-
-def median_ms(fn, warmup: int = 10, repeats: int = 50) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def write(rows, path: str) -> None:

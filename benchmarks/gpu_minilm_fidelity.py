@@ -59,6 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: fxopt and benchmarks.common
 
 import fxopt  # noqa: E402
+from benchmarks.common import cuda_median_ms, git_rev  # noqa: E402
 from fxopt.demo.embeddings import embedding_agreement, last_hidden_state, sentence_embeddings  # noqa: E402
 
 #: precision -> (the cuda target's precision=, passes= or None for the target's preset, reads calibration data)
@@ -206,14 +207,6 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def git_rev() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE).stdout.strip() or "?"
-    except OSError:
-        return "?"
-
 
 # ===================================================================== the pack that travels
 def repack(out_dir: str, names=None) -> None:
@@ -330,19 +323,6 @@ def sha256(path: str) -> str:
 
 
 # ===================================================================== run (GPU machine)
-def median_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
 
 def run(directory: str, precisions: list, out: str, device: str) -> dict:
     import torch.nn.functional as F
@@ -380,7 +360,7 @@ def run(directory: str, precisions: list, out: str, device: str) -> dict:
                     row["meets_bar"] = cosine >= row["bar"][0] and nn >= row["bar"][1]
                 if device.startswith("cuda"):
                     ids, mask = batches[0]
-                    row["median_ms_per_batch"] = median_ms(lambda: loaded(ids, mask))
+                    row["median_ms_per_batch"] = cuda_median_ms(lambda: loaded(ids, mask), warmup=5, repeats=30)
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:800]
         row["cpu_eager_same_pipeline"] = meta["artifacts"].get(name, {}).get("cpu_eager_same_pipeline")

@@ -97,34 +97,18 @@ __device__ __forceinline__ void Store8(void* base, int64_t index, bool is_half, 
   }
 }
 
-__device__ __forceinline__ float WarpSum(float value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
+struct Plus {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
-// The sum over the threads of a row: a warp's shuffle, then (kWarps > 1) the warps' partials in shared memory.
-template <int kWarps>
-__device__ __forceinline__ float RowSum(float value, float* partial) {
-  value = WarpSum(value);
-  if constexpr (kWarps == 1) {
-    return value;
-  } else {
-    const int warp = threadIdx.x / 32;
-    if (threadIdx.x % 32 == 0) partial[warp] = value;
-    __syncthreads();
-    float total = 0.f;
+// `op` over the threads of a row: a warp's shuffle, then (kWarps > 1) the warps' partials in shared memory.
+template <int kWarps, typename Op>
+__device__ __forceinline__ float RowReduce(float value, float* partial, Op op) {
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += partial[w];
-    return total;
-  }
-}
-
-// The maximum over the threads of a row, as RowSum.
-template <int kWarps>
-__device__ __forceinline__ float RowMax(float value, float* partial) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
   if constexpr (kWarps == 1) {
     return value;
   } else {
@@ -133,7 +117,7 @@ __device__ __forceinline__ float RowMax(float value, float* partial) {
     __syncthreads();
     float total = partial[0];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) total = fmaxf(total, partial[w]);
+    for (int w = 1; w < kWarps; ++w) total = op(total, partial[w]);
     return total;
   }
 }
@@ -150,7 +134,7 @@ __device__ __forceinline__ void StoreCodes(const NormParams& p, const float (&v)
     if (c * kRowThreads + lane < chunks)
 #pragma unroll
       for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(v[c][k]));
-  const float scale = fxopt_codes::RowScale<Codes>(RowMax<kWarps>(amax, partial));
+  const float scale = fxopt_codes::RowScale<Codes>(RowReduce<kWarps>(amax, partial, Max{}));
   auto* codes = static_cast<typename Codes::Code*>(p.codes) + row * p.hidden;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
@@ -207,7 +191,7 @@ __global__ void __launch_bounds__(kWarps == 1 ? 128 : 32 * kWarps) LayerNormKern
     }
   }
   const float inv_hidden = 1.f / static_cast<float>(p.hidden);
-  const float mean = RowSum<kWarps>(sum, partial[0]) * inv_hidden;
+  const float mean = RowReduce<kWarps>(sum, partial[0], Plus{}) * inv_hidden;
   float squares = 0.f;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
@@ -226,7 +210,7 @@ __global__ void __launch_bounds__(kWarps == 1 ? 128 : 32 * kWarps) LayerNormKern
       if (chunk < chunks) Store8(p.sum, base + chunk * 8, p.sum_half, v[c]);
     }
   }
-  const float rstd = rsqrtf(RowSum<kWarps>(squares, partial[1]) * inv_hidden + p.eps);
+  const float rstd = rsqrtf(RowReduce<kWarps>(squares, partial[1], Plus{}) * inv_hidden + p.eps);
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     const int chunk = c * kRowThreads + lane;
