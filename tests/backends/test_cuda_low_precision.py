@@ -126,9 +126,15 @@ def test_the_int8_artifact_is_smoothed_on_the_calibration_data_records_its_preci
     assert manifest["extra"]["report"]["lowering"]["precision"] == "int8"
     loaded = fxopt.load(directory)
     assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_int8.default)) == 5
-    # smooth-quant scaled the weights' input columns by powers of two (the smoothed weights are what is saved)
-    smoothed = [t for name, t in loaded.graph.params().items() if name.endswith("_smoothed")]
-    assert len(smoothed) == 6
+    # smooth-quant scaled the weights' input columns by powers of two, in place: the smoothed weights are saved
+    # under the model's own names, as parameters the library takes at load, not folded into it as constants
+    # (the inverse factors it multiplies activations by, where no LayerNorm can absorb them, are new vectors)
+    params, original = loaded.graph.params(), model.state_dict()
+    assert {name for name in set(params) - set(original) if not name.endswith("_smooth_inverse")} == set()
+    changed = [name for name in params if name.endswith(".weight") and not torch.equal(params[name], original[name])]
+    assert len(changed) == 6  # the six linears'
+    weights = sum(t.numel() * t.element_size() for t in params.values())
+    assert (directory / "model.so").stat().st_size < weights + 200_000  # not the weights a second time
 
 
 def test_int8_without_calibration_data_calibrates_on_the_example_inputs_and_warns():

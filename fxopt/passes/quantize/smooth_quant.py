@@ -190,13 +190,18 @@ class SmoothQuant(Pass):
         """Give ``node``'s argument ``index`` (a weight) a new tensor: the old one times ``factor``.
 
         The factors are powers of two, so the product is exact in float32 (float64 for float64 weights) and
-        needs no wider temporary: the new tensor is the only allocation.
+        needs no wider temporary: the new tensor is the only allocation. A weight only ``node`` reads is replaced
+        in place: it stays a parameter under its own name, so a backend that takes parameters as inputs (cuda)
+        keeps it among the artifact's weights, not also folded into its library. A shared one gets a new tensor.
         """
         old = node.args[index]
         tensor = graph.param(old)
         exact = torch.promote_types(tensor.dtype, torch.float32)
         scaled = (tensor.detach() * factor.to(exact)).to(tensor.dtype)
-        node.update_arg(index, graph.add_param(f"{old.target}_smoothed", scaled, before=node))
+        if len(old.users) == 1:
+            graph.replace_param(old, scaled)
+        else:
+            node.update_arg(index, graph.add_param(f"{old.target}_smoothed", scaled, before=node))
 
 
 def calibrate_smoothed(graph: Graph, data: Iterable, alpha: float = 0.5, progress: bool = True,
