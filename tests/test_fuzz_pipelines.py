@@ -113,7 +113,8 @@ class NoisyRun(fx.Interpreter):
 
     Weights (get_attr) get ``U(-s/2, s/2)`` with ``s = max|w| / weight_levels`` (symmetric, one scale per tensor:
     no smaller than insert-qdq's per-channel or per-group scales); activations, with ``activations``, get it with
-    ``s = (max(x, 0) - min(x, 0)) / 255`` (asymmetric per tensor, what calibration and dynamic ranges give).
+    ``s = (max(x, 0) - min(x, 0)) / 255`` (asymmetric per tensor, what calibration and dynamic ranges give). ``s``
+    is at least two of the element's ulps in the model's dtype, so 16-bit models see the rounding Q/DQ's result gets.
     """
 
     def __init__(self, graph: fxopt.Graph, weight_levels: int, activations: bool, seed: int):
@@ -140,8 +141,12 @@ class NoisyRun(fx.Interpreter):
             step = (value.max().clamp(min=0) - value.min().clamp(max=0)) / 255
         else:
             return value
+        # Q/DQ's result is rounded to the model's dtype: in bfloat16 (8 bits) half an int8 step is about half an ulp,
+        # so a dequantized value can land a whole ulp away, and noise within half an ulp would round away (seed
+        # 2878591539: a bound of 0 against a real error). So the noise spans at least one ulp each side.
+        two_ulps = 2 * torch.finfo(value.dtype).eps * value.detach().abs().double()
         noise = torch.rand(value.shape, generator=self.generator, dtype=torch.float64) - 0.5
-        return value + (noise * step.double()).to(value.dtype)
+        return (value.double() + noise * torch.maximum(step.double(), two_ulps)).to(value.dtype)
 
 
 # --------------------------------------------------------------- the bounds
@@ -161,9 +166,13 @@ class Bound:
     #: rounding: at least the harness tolerance of ``dtype`` (computing in it rounds every intermediate too).
     floor: bool = True
 
+    def is_exact(self, pass_, step) -> bool:
+        """Whether this step must keep the numbers on any input (a lossy step's bound holds on the probed ones)."""
+        return not step.modified or self.kind == "exact" or self.exact_if(pass_, step.stats)
+
     def limit(self, pass_, step, probe: Probe, model_dtype: torch.dtype) -> Optional[float]:
         exact = TOLERANCE[model_dtype]
-        if not step.modified or self.kind == "exact" or self.exact_if(pass_, step.stats):
+        if self.is_exact(pass_, step):
             return exact
         if self.kind == "rounding":
             return max(TOLERANCE[self.dtype] if self.floor else exact, SENSITIVITY_FACTOR * probe.rounding(self.dtype))
@@ -342,7 +351,9 @@ def check_result(graph: fxopt.Graph, result, passes, case: ModelCase) -> None:
         return
     limit = sum(limits)  # each step's error is relative to its input's output: a triangle inequality
     assert_equivalent(graph, result.graph, case.inputs, tol=limit)
-    exact = all(step == TOLERANCE[case.dtype] for step in limits)
+    # by kind, not by value: a lossy step whose probe measured no error (a 2-wide LayerNorm at the output maps every
+    # perturbation to +-1) has the exact limit on these inputs, and no claim on others (seed 2878591539)
+    exact = all(TOLERANCES[p.name].is_exact(p, step) for p, step in zip(passes, result.results))
     loosest = "exact" if exact else TOLERANCES[passes[limits.index(max(limits))].name].kind
     # steer generation towards models whose error comes close to the bound (shown by --hypothesis-show-statistics)
     target(largest_error(graph, result.graph, case.inputs) / limit, label=f"error / bound ({loosest})")
