@@ -41,6 +41,20 @@ def bert_base(batch: int = 8, seq: int = 128):
     return model, (input_ids, torch.ones(batch, seq, dtype=torch.long))
 
 
+def bert_tiny(batch: int = 2, seq: int = 16):
+    """BERT's structure at toy size, for the GPU benchmarks' CPU dry runs (the same code
+    paths as ``bert_base``)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        vocab_size=1000, attn_implementation="sdpa")
+    model = deterministic_init_(BertModel(config, add_pooling_layer=False)).eval()
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1:, seq * 5 // 8:] = 0  # padding: the attention bias must reach every kernel
+    return model, (torch.randint(0, config.vocab_size, (batch, seq), generator=gen), mask)
+
+
 def gpt2_small(batch: int = 8, seq: int = 128):
     from transformers import GPT2Config, GPT2Model
 

@@ -42,23 +42,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: fxopt and benchmarks.common
 
-from benchmarks.common import MODELS, deterministic_init_, git_rev, relative_error  # noqa: E402
+from benchmarks.common import MODELS, bert_tiny, git_rev, relative_error  # noqa: E402
 
 SHAPES = {"bert": "batch 8 x seq 128", "gpt2": "batch 8 x seq 128", "vit": "batch 8 x 3x224x224",
           "bert-tiny": "batch 2 x seq 16"}
-
-
-def bert_tiny(batch: int = 2, seq: int = 16):
-    """BERT's structure at toy size, for dry runs of this script (same code paths as ``bert_base``)."""
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=1000, attn_implementation="sdpa")
-    model = deterministic_init_(BertModel(config, add_pooling_layer=False)).eval()
-    gen = torch.Generator().manual_seed(1)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1:, seq * 5 // 8:] = 0  # padding: the attention bias must reach every kernel
-    return model, (torch.randint(0, config.vocab_size, (batch, seq), generator=gen), mask)
 
 
 ALL_MODELS: Dict[str, Callable] = {**MODELS, "bert-tiny": bert_tiny}

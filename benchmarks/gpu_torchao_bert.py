@@ -44,7 +44,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: benchmarks.common
 
-from benchmarks.common import bert_base, deterministic_init_, relative_error  # noqa: E402
+from benchmarks.common import bert_base, bert_tiny, relative_error  # noqa: E402
 
 SYSTEMS = ["eager32", "eager16", "reduce-overhead", "ao-fp8-ro", "ao-int8-ro", "ao-fp8-ma", "ao-int8-ma",
            "max-autotune"]
@@ -54,18 +54,6 @@ LABELS = {"eager32": "torch eager fp32", "eager16": "torch eager fp16 (SDPA)",
           "ao-fp8-ma": "torchao fp8 per-row dynamic, compile max-autotune",
           "ao-int8-ro": "torchao int8 dynamic, compile reduce-overhead",
           "ao-int8-ma": "torchao int8 dynamic, compile max-autotune"}
-
-
-def bert_tiny(batch: int = 2, seq: int = 32):
-    """BERT's structure at toy size (widths multiples of 16, as the fp8 GEMM needs), for the CPU dry run."""
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=1000, attn_implementation="sdpa")
-    model = deterministic_init_(BertModel(config, add_pooling_layer=False)).eval()
-    gen = torch.Generator().manual_seed(1)
-    return model, (torch.randint(0, config.vocab_size, (batch, seq), generator=gen),
-                   torch.ones(batch, seq, dtype=torch.long))
 
 
 MODELS = {"bert": bert_base, "bert-tiny": bert_tiny}
