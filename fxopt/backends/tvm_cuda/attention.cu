@@ -1,8 +1,12 @@
 // fxopt's fused attention, host side: argument checks, the launch and the TVM-FFI global functions. The kernel
 // itself, and what the functions compute, are in attention_kernel.cuh.
 #include "attention_kernel.cuh"
+#include "tensor_view.h"
 
 namespace fxopt_attention {
+
+using fxopt_tensor::DataPtr;
+using fxopt_tensor::Aligned16;
 
 // ------------------------------------------------------------------------------------------ host
 void Check(bool ok, const char* message) {
@@ -48,11 +52,7 @@ void Dispatch(const Params& p, int device_id, cudaStream_t stream) {
   return Launch<256, 32, kWarps, kBias>(p, device_id, stream);
 }
 
-void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
-
 bool IsHalf(const TensorView& t) { return t.dtype().code == kDLFloat && t.dtype().bits == 16; }
-
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 void SetBias(Params& p, const TensorView& bias) {
   Check(IsHalf(bias) || (bias.dtype().code == kDLFloat && bias.dtype().bits == 32),

@@ -34,7 +34,11 @@
 #include <tuple>
 #include <vector>
 
+#include "tensor_view.h"
+
 namespace fxopt_cublaslt {
+
+using fxopt_tensor::DataPtr;
 
 using tvm::ffi::TensorView;
 
@@ -91,10 +95,6 @@ struct DeviceState {
 
 std::mutex state_mutex;
 std::map<int, DeviceState> states;
-
-void* DataPtr(const TensorView& t) {
-  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
-}
 
 int64_t Numel(const TensorView& t, int first, int last) {
   int64_t n = 1;

@@ -42,7 +42,7 @@ HERE = os.path.dirname(__file__)
 SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu", "quantize_rows.cu",
                                                   "int8_dequantize.cu", "int4_gemm.cu")]
 #: Headers the sources include: part of the cache key, not compiled on their own
-HEADERS = [os.path.join(HERE, name) for name in ("attention_kernel.cuh", "quantize_codes.cuh")]
+HEADERS = [os.path.join(HERE, name) for name in ("attention_kernel.cuh", "quantize_codes.cuh", "tensor_view.h")]
 EXTENSION_NAME = "libfxopt_cuda_ext.so"
 CUBLASLT_SONAME = "libcublasLt.so.13"
 #: SASS for Ampere and Hopper, plus PTX that newer GPUs compile at load time

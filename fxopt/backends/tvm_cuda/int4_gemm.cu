@@ -25,8 +25,11 @@
 #include <tvm/ffi/reflection/registry.h>
 
 #include <cstdint>
+#include "tensor_view.h"
 
 namespace fxopt_int4 {
+
+using fxopt_tensor::DataPtr;
 
 using tvm::ffi::TensorView;
 
@@ -157,8 +160,6 @@ void Check(bool ok, const char* message) {
 bool Is(const TensorView& t, DLDataTypeCode code, int bits) {
   return t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1;
 }
-
-void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
 // Kernels for 1, 2, 4 and 8 tiles of 8 rows of x; M rounds up (the extra rows read as zeros, never written).
 void Dispatch(const Int4Params& p, cudaStream_t stream) {

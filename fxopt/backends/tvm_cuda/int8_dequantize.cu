@@ -18,8 +18,11 @@
 #include <tvm/ffi/reflection/registry.h>
 
 #include <cstdint>
+#include "tensor_view.h"
 
 namespace fxopt_int8_dequantize {
+
+using fxopt_tensor::DataPtr;
 
 using tvm::ffi::TensorView;
 
@@ -58,8 +61,6 @@ bool IsHalf(const TensorView& t) { return IsType(t, kDLFloat, 16); }
 bool SameType(const TensorView& a, const TensorView& b) {
   return a.dtype().code == b.dtype().code && a.dtype().bits == b.dtype().bits && a.dtype().lanes == b.dtype().lanes;
 }
-
-void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
 void CheckOperands(const TensorView& acc, const TensorView& xs, const TensorView& ws, const TensorView* bias,
                    const TensorView& out) {

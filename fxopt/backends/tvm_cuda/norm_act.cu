@@ -32,8 +32,12 @@
 #include <cstdint>
 
 #include "quantize_codes.cuh"
+#include "tensor_view.h"
 
 namespace fxopt_norm_act {
+
+using fxopt_tensor::DataPtr;
+using fxopt_tensor::Aligned16;
 
 using tvm::ffi::TensorView;
 
@@ -290,10 +294,6 @@ void CheckCuda(cudaError_t status, const char* function) {
     TVM_FFI_THROW(RuntimeError) << function << ": launch failed: " << cudaGetErrorString(status);
   }
 }
-
-void* DataPtr(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
-
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // float16 -> true, float32 -> false; anything else is refused.
 bool HalfOrFloat(const TensorView& t, const char* function, const char* name) {
