@@ -17,6 +17,7 @@ from fxopt.passes import (
 from fxopt.passes.quantize import calibrate
 from fxopt import prune, train
 from fxopt.api import load, optimize
+from fxopt.bundle import pick, search_bundle
 from fxopt.optimized import OptimizedModel
 from fxopt import targets
 from fxopt.targets import Target, register_target, registered_targets
@@ -25,7 +26,7 @@ from fxopt.backends.onnx_export import export_onnx
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "load", "OptimizedModel", "targets", "Target", "register_target", "registered_targets", "export_onnx", "capture", "calibrate", "prune", "train", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
+    "optimize", "load", "search_bundle", "pick", "OptimizedModel", "targets", "Target", "register_target", "registered_targets", "export_onnx", "capture", "calibrate", "prune", "train", "Graph", "TensorInfo", "QParams", "Pipeline", "PipelineResult", "Pass", "PassResult", "RewritePass",
     "Rewriter", "ExamplePattern", "OpPattern", "Op", "Var", "AnyValue", "Match", "apply_patterns", "register_pass",
     "register_preset", "registered_passes", "registered_presets", "errors", "FxoptError", "CaptureError",
     "PassError", "PatternError", "MetadataError", "LoweringError", "ArtifactError", "InputError", "DeviceError", "__version__",

@@ -10,6 +10,7 @@ What a target does (its presets, options, search candidates, lowering, files) is
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
@@ -56,31 +57,44 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: Unio
     file first (``fxopt.passes.infra.batches``).
     """
     with trimming_while_resident_grows():
-        if precision is not None:
-            options = {**(options or {}), "precision": precision}
-        chosen_target = resolve_target(target, options)
-        chosen_target.check_device()
-        if passes is not None and preset is not None:
-            raise InputError("optimize: pass either preset= or passes=, not both")
-        preset_used = chosen_target.preset(None if passes is not None else preset)
-        parsed_tolerance = parse_tolerance(tolerance, metric) if tolerance is not None else None
-        if parsed_tolerance is not None:
-            chosen_target.check_search()
-        original = capture(model, example_inputs)
-        warn = chosen_target.name if chosen_target.calibrates else None
-        with calibration_batches(example_inputs, calibration_data, warn_for=warn) as calibration:
-            # passes that read data (GPTQ, whitened low-rank, ...) get the user's, never the example inputs
-            pipeline = _pipeline(preset, passes, preset_used.passes, calibration if calibration_data is not None else None)
-            fused = pipeline(original)
-            stats: Dict[str, Any] = {"passes": fused.stats, "graph_before": graph_outline(original)}
-            context = BuildContext(original, fused.graph, pipeline.spec, tuple(example_inputs), calibration,
-                                   preset_used, progress, parsed_tolerance)
-            build = _search(chosen_target, context, stats) if parsed_tolerance else _build(chosen_target, context)
+        with prepared(model, example_inputs, target, preset, passes, calibration_data, tolerance, metric, progress,
+                      options, precision) as (chosen_target, context, stats):
+            build = _search(chosen_target, context, stats) if context.tolerance else _build(chosen_target, context)
+            original, fused = context.original, context.fused
         # the fused graph (its merged weights) goes before lowering, the peak
-        fused_bytes = fused.graph.size_bytes_not_in(original) if build.graph is not fused.graph else 0
+        fused_bytes = fused.size_bytes_not_in(original) if build.graph is not fused else 0
         del fused, context
         release_dropped_graphs(fused_bytes)
         return _lower_and_measure(chosen_target, build, original, example_inputs, stats, progress)
+
+
+@contextmanager
+def prepared(model, example_inputs, target, preset=None, passes=None, calibration_data=None, tolerance=None,
+             metric=None, progress=True, options=None, precision=None, measure_here: bool = True):
+    """What optimize does before it builds: check the arguments, capture, run the pipeline, stream the
+    calibration data. Yields ``(target, BuildContext, stats)``; leaving it closes the calibration stream.
+    ``measure_here=False`` (a search bundle) lets a target search whose candidates cannot run here."""
+    if precision is not None:
+        options = {**(options or {}), "precision": precision}
+    chosen_target = resolve_target(target, options)
+    chosen_target.check_device()
+    if passes is not None and preset is not None:
+        raise InputError("optimize: pass either preset= or passes=, not both")
+    preset_used = chosen_target.preset(None if passes is not None else preset)
+    parsed_tolerance = parse_tolerance(tolerance, metric) if tolerance is not None else None
+    if parsed_tolerance is not None:
+        chosen_target.check_search(measure_here)
+    original = capture(model, example_inputs)
+    warn = chosen_target.name if chosen_target.calibrates else None
+    with calibration_batches(example_inputs, calibration_data, warn_for=warn) as calibration:
+        # passes that read data (GPTQ, whitened low-rank, ...) get the user's, never the example inputs
+        pipeline = _pipeline(preset, passes, preset_used.passes, calibration if calibration_data is not None else None)
+        fused = pipeline(original)
+        stats: Dict[str, Any] = {"passes": fused.stats, "graph_before": graph_outline(original)}
+        context = BuildContext(original, fused.graph, pipeline.spec, tuple(example_inputs), calibration,
+                               preset_used, progress, parsed_tolerance)
+        del fused
+        yield chosen_target, context, stats
 
 
 def _build(target: Target, context: BuildContext) -> Build:
@@ -102,8 +116,9 @@ def _search(target: Target, context: BuildContext, stats: Dict[str, Any]) -> Bui
     fit, check = held_out_split(all_batches)
     context.calibration = fit
     candidates = list(target.candidates(context))
-    found = measure_and_choose(candidates, context.original, check, context.example_inputs, tolerance,
-                               progress=context.progress)
+    found = measure_and_choose(candidates, context.original, check, target.timing_inputs(context.example_inputs),
+                               tolerance, repeats=target.search_rounds, progress=context.progress,
+                               baseline=target.search_baseline)
     if context.progress:  # the table is the search's result: stdout, where the CLI prints what it did
         print(f"fxopt search ({target.name}, tolerance {tolerance.describe()}), measured on this machine:\n"
               f"{found.table()}")
@@ -124,7 +139,9 @@ def _lower_and_measure(target: Target, build: Build, original: Graph, example_in
     lowering = target if build.target == target.name else target_class(build.target)()
     runner = build.runner or lowering.lower(build.graph, example_inputs=tuple(example_inputs), progress=progress)
     stats.update(build.stats)
-    report = lowering.lowering_report(runner)
+    # a search's winner keeps the report of its own lowering (its precision, on cuda), made when it was built
+    report = build.stats.get("lowering") if build.runner is not None else None
+    report = report or lowering.lowering_report(runner)
     if report:
         stats["lowering"] = report
     optimized = OptimizedModel(runner, build.graph, lowering.name, build.pipeline, original, stats)

@@ -175,19 +175,22 @@ class SearchResult:
     candidates: List[Candidate]
     chosen: Candidate
     tolerance: Tolerance
-    original_latency_ms: float
+    original_latency_ms: Optional[float]  # None where the original was not timed (baseline is a candidate)
+    baseline: str = "original"  # what the speedups are relative to: the original, or a candidate's name
 
     def table(self) -> str:
         rows = [[("* " if c.chosen else "  ") + c.name, c.latency_ms, c.speedup,
                  _fidelity_cell(c.fidelity, self.tolerance), "yes" if c.meets else "no",
                  f"{c.size_bytes / 1e6:.1f}"] for c in self.candidates]
-        rows.insert(0, ["  original", self.original_latency_ms, 1.0, "", "", ""])
-        headers = ["candidate", "latency ms", "speedup", self.tolerance.describe(), "meets", "size MB"]
+        if self.original_latency_ms is not None:
+            rows.insert(0, ["  original", self.original_latency_ms, 1.0, "", "", ""])
+        speedup = "speedup" if self.baseline == "original" else f"speedup vs {self.baseline}"
+        headers = ["candidate", "latency ms", speedup, self.tolerance.describe(), "meets", "size MB"]
         return format_table(headers, rows)
 
     def as_dict(self) -> Dict[str, Any]:
         return {"tolerance": self.tolerance.describe(), "original_latency_ms": self.original_latency_ms,
-                "latency_ms": self.chosen.latency_ms, "chosen": self.chosen.name,
+                "baseline": self.baseline, "latency_ms": self.chosen.latency_ms, "chosen": self.chosen.name,
                 "candidates": [c.as_dict() for c in self.candidates]}
 
 
@@ -198,15 +201,29 @@ def _fidelity_cell(fidelity: Dict[str, float], tolerance: Tolerance) -> str:
 
 def measure_and_choose(candidates: Sequence[Candidate], original: Graph, batches: Sequence[tuple],
                        example_inputs: Sequence, tolerance: Tolerance, repeats: int = 10,
-                       progress: bool = False) -> SearchResult:
-    """Measure every candidate's fidelity and latency (with the original's, same run); pick the fastest that meets."""
+                       progress: bool = False, baseline: Optional[str] = None) -> SearchResult:
+    """Measure every candidate's fidelity against ``original`` and its latency, with the original's unless
+    ``baseline`` names the candidate the speedups are relative to; pick the fastest that meets."""
     reference = run_outputs(original, batches)
+    return measure_against(candidates, reference, batches, example_inputs, tolerance, repeats, progress,
+                           original=None if baseline else original.run, baseline=baseline or "original")
+
+
+def measure_against(candidates: Sequence[Candidate], reference: Outputs, batches: Sequence[tuple],
+                    example_inputs: Sequence, tolerance: Tolerance, repeats: int = 10, progress: bool = False,
+                    original: Optional[Callable] = None, baseline: str = "original") -> SearchResult:
+    """:func:`measure_and_choose` with the reference outputs given (``fxopt.pick`` reads them from a bundle):
+    fidelity on ``batches``; latency on ``example_inputs``, every candidate (and ``original``, if given) in one
+    interleaved loop; the fastest candidate that meets ``tolerance`` is chosen."""
     for candidate in progress_bar(candidates, "fidelity", "candidate", progress):
         candidate.fidelity = _fidelity(candidate, batches, reference, tolerance)
         candidate.meets = tolerance.meets(candidate.fidelity.get(tolerance.kind, float("nan")))
-    timed = {"original": original.run, **{c.name: c.runner for c in candidates}}
+    timed = {**({"original": original} if original is not None else {}), **{c.name: c.runner for c in candidates}}
     seconds = compare_latency(timed, example_inputs, repeats=repeats, progress=progress)
-    base = seconds["original"]
+    if baseline not in seconds:
+        raise InputError(f"search: baseline {baseline!r} is neither 'original' (timed) nor a candidate "
+                         f"({', '.join(c.name for c in candidates)})")
+    base = seconds[baseline]
     for candidate in candidates:
         candidate.latency_ms = seconds[candidate.name] * 1e3
         candidate.speedup = base / seconds[candidate.name]
@@ -216,7 +233,8 @@ def measure_and_choose(candidates: Sequence[Candidate], original: Graph, batches
                          f"loosen it (measured: {_summary(candidates, tolerance)})")
     chosen = min(passing, key=lambda c: c.latency_ms)
     chosen.chosen = True
-    return SearchResult(list(candidates), chosen, tolerance, base * 1e3)
+    original_ms = seconds["original"] * 1e3 if original is not None else None
+    return SearchResult(list(candidates), chosen, tolerance, original_ms, baseline)
 
 
 def _fidelity(candidate: Candidate, batches, reference: Outputs, tolerance: Tolerance) -> Dict[str, float]:
@@ -228,12 +246,13 @@ def _fidelity(candidate: Candidate, batches, reference: Outputs, tolerance: Tole
 
 
 def run_outputs_of(runner: Callable, batches) -> Outputs:
-    """Like ``run_outputs`` for any callable: each batch's floating-point output tensors."""
+    """Like ``run_outputs`` for any callable: each batch's floating-point output tensors, on the CPU."""
     outputs = []
     with torch.inference_mode():
         for batch in batches:
             leaves = pytree.tree_leaves(runner(*batch))
-            outputs.append([t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()])
+            # on the CPU now: a GPU runner's outputs may live in buffers its next call reuses
+            outputs.append([t.cpu() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()])
     return outputs
 
 

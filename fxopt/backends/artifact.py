@@ -28,7 +28,7 @@ import warnings
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -40,7 +40,8 @@ from fxopt.ir.serialize import graph_from_json, graph_to_json
 
 FORMAT_VERSION = 1
 MANIFEST, GRAPH_FILE, WEIGHTS_FILE = "manifest.json", "graph.json", "weights.safetensors"
-_RESERVED = (MANIFEST, GRAPH_FILE, WEIGHTS_FILE)
+#: The files every artifact has; a backend's own files take other names
+RESERVED_FILES = _RESERVED = (MANIFEST, GRAPH_FILE, WEIGHTS_FILE)
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _CHUNK = 1 << 20
 _ALIGNMENT = 64  # bytes, as torch's CPU allocator: kernels may take other paths on other alignments
@@ -50,28 +51,36 @@ _ALIGNMENT = 64  # bytes, as torch's CPU allocator: kernels may take other paths
 def save_artifact(graph: Graph, directory: Union[str, Path], target: str,
                   files: Optional[Dict[str, Union[bytes, str, Path]]] = None, extra: Optional[dict] = None) -> Path:
     """Write ``graph`` (and the backend's ``files``) as an artifact directory; returns its path."""
-    directory = Path(directory).absolute()
-    _check_replaceable(directory)
     _check_backend_file_names(files or {})
+    return write_directory(directory, lambda tmp: _write_contents(graph, tmp, target, files or {}, extra))
+
+
+def write_directory(directory: Union[str, Path], write: Callable[[Path], None], marker: str = MANIFEST,
+                    what: str = "artifact") -> Path:
+    """Fill a new directory with ``write(tmp)``, then move it to ``directory`` atomically (see the module's
+    docstring). An existing directory is replaced only when it holds ``marker`` (it is one of ours)."""
+    directory = Path(directory).absolute()
+    _check_replaceable(directory, marker, what)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would outlive the rename, this one follows the umask
     try:
-        _write_contents(graph, tmp, target, files or {}, extra)
+        write(tmp)
+        _fsync_dir(tmp)
         _move_into_place(tmp, directory)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ArtifactError(f"{directory}: could not write the artifact: {exc}; check the path and free space") from exc
+        raise ArtifactError(f"{directory}: could not write the {what}: {exc}; check the path and free space") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
-def _check_replaceable(directory: Path) -> None:
-    if directory.is_file() or (directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).exists()):
-        raise ArtifactError(f"{directory}: exists and is not an fxopt artifact; save to a new or empty directory "
-                            "(an existing artifact is replaced, anything else is left alone)")
+def _check_replaceable(directory: Path, marker: str = MANIFEST, what: str = "artifact") -> None:
+    if directory.is_file() or (directory.is_dir() and any(directory.iterdir()) and not (directory / marker).exists()):
+        raise ArtifactError(f"{directory}: exists and is not an fxopt {what}; save to a new or empty directory "
+                            f"(an existing {what} is replaced, anything else is left alone)")
 
 
 def _check_backend_file_names(files: dict) -> None:
@@ -85,17 +94,16 @@ def _write_contents(graph: Graph, tmp: Path, target: str, files: dict, extra: Op
     graph_data = graph_to_json(graph)
     tensors, aliases = _weights_to_store(graph.params())
     graph_data["weight_aliases"] = aliases
-    _write_bytes(tmp / GRAPH_FILE, _to_json(graph_data, GRAPH_FILE))
+    write_bytes(tmp / GRAPH_FILE, to_json(graph_data, GRAPH_FILE))
     _write_weights(tensors, tmp / WEIGHTS_FILE)
     for name, content in files.items():
         if isinstance(content, (bytes, bytearray)):
-            _write_bytes(tmp / name, bytes(content))
+            write_bytes(tmp / name, bytes(content))
         else:
             shutil.copyfile(content, tmp / name)
             _fsync_file(tmp / name)
     manifest = _manifest(graph_data, tmp, target, extra)
-    _write_bytes(tmp / MANIFEST, _to_json(manifest, MANIFEST))
-    _fsync_dir(tmp)
+    write_bytes(tmp / MANIFEST, to_json(manifest, MANIFEST))
 
 
 def _write_weights(tensors: Dict[str, torch.Tensor], path: Path) -> None:
@@ -145,7 +153,7 @@ def _manifest(graph_data: dict, tmp: Path, target: str, extra: Optional[dict]) -
         "input_specs": graph_data["input_specs"],
         "output_spec": codegen.get("out_spec"),
         "extra": extra if extra is not None else {},
-        "files": {p.name: _file_record(p) for p in sorted(tmp.iterdir())},
+        "files": {p.name: file_record(p) for p in sorted(tmp.iterdir())},
     }
 
 
@@ -165,11 +173,12 @@ def _tvm_version() -> Optional[str]:
     return None
 
 
-def _file_record(path: Path) -> dict:
-    return {"sha256": _sha256(path), "size": path.stat().st_size}
+def file_record(path: Path) -> dict:
+    """``{"sha256", "size"}`` of a file, as manifests list them."""
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
@@ -177,7 +186,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _to_json(data: dict, file_name: str) -> bytes:
+def to_json(data: dict, file_name: str) -> bytes:
     try:
         return json.dumps(data, indent=1, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
@@ -185,7 +194,8 @@ def _to_json(data: dict, file_name: str) -> bytes:
                             "(str, int, float, bool, None, lists, dicts)") from exc
 
 
-def _write_bytes(path: Path, content: bytes) -> None:
+def write_bytes(path: Path, content: bytes) -> None:
+    """Write and fsync."""
     with open(path, "wb") as f:
         f.write(content)
         f.flush()
@@ -267,14 +277,14 @@ def _check_manifest(path: Path, manifest: dict, allow_torch_mismatch: bool = Fal
                             f"{FORMAT_VERSION}; save the artifact again with this fxopt")
     for package, current in (("fxopt", _fxopt_version()), ("torch", torch.__version__)):
         saved = str(manifest.get(f"{package}_version"))
-        if _major_minor(saved) == _major_minor(current):
+        if major_minor(saved) == major_minor(current):
             continue
         problem = f"{path}: saved with {package} {saved}, this is {package} {current}"
         if package == "torch" and allow_torch_mismatch:
             warnings.warn(f"{problem}; loading anyway (allow_torch_mismatch=True)", stacklevel=4)
             continue
         raise ArtifactError(f"{problem}; major.minor versions must match: install {package}=="
-                            f"{_major_minor(saved)}.* or save the artifact again with this version"
+                            f"{major_minor(saved)}.* or save the artifact again with this version"
                             + (" (or load with allow_torch_mismatch=True)" if package == "torch" else ""))
     files = manifest.get("files")
     if not isinstance(files, dict) or any(name not in files for name in (GRAPH_FILE, WEIGHTS_FILE)):
@@ -286,7 +296,7 @@ def _check_manifest(path: Path, manifest: dict, allow_torch_mismatch: bool = Fal
             raise ArtifactError(f"{path}: bad entry for file {name!r}; the manifest is corrupted or tampered with")
 
 
-def _major_minor(version: str) -> str:
+def major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
@@ -298,7 +308,7 @@ def _verify_file(directory: Path, name: str, record: dict) -> None:
     if size != record.get("size"):
         raise ArtifactError(f"{path}: {size} bytes, the manifest says {record.get('size')} (truncated or modified); "
                             "the artifact is corrupted, copy or save it again")
-    if _sha256(path) != record.get("sha256"):
+    if sha256_file(path) != record.get("sha256"):
         raise ArtifactError(f"{path}: sha256 checksum does not match the manifest (tampered with or corrupted); "
                             "copy or save the artifact again")
 

@@ -68,6 +68,10 @@ class Target:
     calibrates: ClassVar[bool] = False
     #: whether optimize compares each layer's output with the pipeline's graph (run here, in PyTorch)
     reports_layer_error: ClassVar[bool] = True
+    #: the candidate the search's speedups are relative to; None: the original graph, timed in PyTorch beside them
+    search_baseline: ClassVar[Optional[str]] = None
+    #: interleaved rounds in which the search times its candidates (after two warm-up calls each)
+    search_rounds: ClassVar[int] = 10
 
     def __init__(self, **options: Any):
         self.settings = self.validated(options)
@@ -97,8 +101,15 @@ class Target:
     def check_device(self) -> None:
         """Raise DeviceError when this machine lacks what the target needs to build. Default: nothing needed."""
 
-    def check_search(self) -> None:
-        """Raise InputError when this target cannot search (``tolerance=``). Default: it can."""
+    def check_search(self, measure_here: bool = True) -> None:
+        """Raise InputError when this target cannot search (``tolerance=``), or DeviceError when it cannot measure
+        its candidates here and ``measure_here`` (``optimize``; a search bundle measures them elsewhere).
+        Default: it can."""
+
+    def timing_inputs(self, inputs: Sequence[Any]) -> Tuple[Any, ...]:
+        """The example inputs as the search times the candidates on them (cuda: already on the GPU). Default: as
+        they are."""
+        return tuple(inputs)
 
     def runs_here(self) -> bool:
         """Whether the lowered model runs on this machine (optimize times it against the original only then)."""

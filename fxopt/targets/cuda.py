@@ -2,13 +2,16 @@
 
 It builds on any machine (code generation through TVM and nvcc needs no GPU) and runs where there is one: a
 built model can be saved here and loaded on the GPU machine; calling it without a GPU raises DeviceError.
+Its search (``tolerance=``) tries every precision and measures them on the GPU: in one process where there is
+one, else in two steps (``fxopt.search_bundle`` here, ``fxopt.pick`` on the GPU machine; :mod:`fxopt.bundle`).
 """
 from __future__ import annotations
 
 import time
 
-from fxopt.errors import InputError
+from fxopt.errors import DeviceError, InputError
 from fxopt.targets.base import Build, Preset, Target, say
+from fxopt.targets.candidates import candidate
 from fxopt.targets.registry import register_target
 
 INT4_GROUP = 128
@@ -56,6 +59,10 @@ class CudaTarget(Target):
                "precision": ("fp16", "fp8", "int8", "int4-weight")}
     #: the per-layer comparison would run the whole model on the CPU of a machine that may be only the builder
     reports_layer_error = False
+    #: the search's speedups are against fp16 on the same GPU (what optimize builds without tolerance=)
+    search_baseline = "fp16"
+    #: GPU calls take well under a millisecond: more rounds for a stable median
+    search_rounds = 100
 
     @property
     def calibrates(self) -> bool:
@@ -63,11 +70,34 @@ class CudaTarget(Target):
         it calibrates on the example inputs, and optimize warns (as for x86-int8)."""
         return self.settings["precision"] in CALIBRATED_PRECISIONS
 
-    def check_search(self) -> None:
-        raise InputError("optimize: tolerance= (the search) is not supported for target='cuda' yet: it would "
-                         "measure every candidate on the GPU; drop tolerance and choose precision= yourself "
-                         "('fp16', the default: relative error ~1e-3 on BERT; 'fp8'; 'int8'; 'int4-weight'), or "
-                         "search with target='x86-int8'/'eager'")
+    def check_search(self, measure_here=True):
+        if measure_here and not self.runs_here():
+            raise DeviceError(
+                "optimize: tolerance= on target='cuda' measures every candidate on the GPU, and this machine has "
+                "none (torch.cuda.is_available() is False); search in two steps: build the candidates here with "
+                "fxopt.search_bundle(model, example_inputs, DIR, target='cuda', tolerance=..., calibration_data=...) "
+                "(CLI: fxopt search-bundle MODULE:FACTORY --target cuda --tolerance cosine=0.999 --out DIR), copy "
+                "DIR to the GPU machine and choose there with fxopt.pick(DIR) (CLI: fxopt pick DIR --out ARTIFACT)")
+
+    def search_precisions(self):
+        """What the search tries: every precision, fp16 first (its baseline); only fp16 unless matmul is
+        'cublaslt' (the low precisions run in fxopt's CUDA extension)."""
+        if self.settings["matmul"] != "cublaslt":
+            return ("fp16",)
+        return self.options["precision"]
+
+    def candidates(self, context):
+        """One candidate per :meth:`search_precisions`, each built as ``optimize(precision=...)`` builds it (int8
+        calibrated on the search's fitting batches) and lowered with TVM and nvcc."""
+        for precision in self.search_precisions():
+            target = type(self)(**{**self.settings, "precision": precision})
+            build = target.build(context)
+            yield candidate(target, precision, build.pipeline, build.graph, compressed=precision != "fp16",
+                            stats=build.stats)
+
+    def timing_inputs(self, inputs):
+        import torch
+        return tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs)
 
     def build(self, context):
         """The pipeline's graph, its linears quantized as ``precision`` says (:data:`PRECISION_PASSES`)."""

@@ -75,8 +75,12 @@ class CudaTarget:
         return self._module
 
     def files(self) -> Dict[str, Path]:
-        """The backend files an artifact carries: the library, its weight manifest and the extension(s)."""
-        return {name: Path(self.library_dir) / name for name in sorted(os.listdir(self.library_dir))}
+        """The backend files an artifact carries: the library, its weight manifest and the extension(s). A runner
+        loaded from an artifact reads them from its directory, whose own manifest, graph and weights are not
+        among them (the new artifact writes its own)."""
+        from fxopt.backends.artifact import RESERVED_FILES
+        return {name: Path(self.library_dir) / name for name in sorted(os.listdir(self.library_dir))
+                if name not in RESERVED_FILES}
 
     def __del__(self):
         if self._owns_dir:
