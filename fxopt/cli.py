@@ -1,6 +1,8 @@
 """The ``fxopt`` command line.
 
     fxopt optimize MODULE:FACTORY --target x86-int8 [--preset P | --passes SPEC] [--tolerance T] --out DIR
+    fxopt search-bundle MODULE:FACTORY --target cuda --tolerance T --out BUNDLE   # build the candidates here
+    fxopt pick BUNDLE [--tolerance T] --out DIR                                    # measure, choose, save there
     fxopt run DIR --inputs inputs.safetensors [--outputs outputs.safetensors]
     fxopt passes
     fxopt report DIR [--html report.html]
@@ -10,6 +12,9 @@ that returns ``(model, example_inputs)``, or ``(model, example_inputs,
 calibration_data)`` where calibration data is a list of input tuples. ``run``
 reads the inputs from a safetensors file, by the graph's input names (or
 ``input_0``, ``input_1``, ... in order), and writes the output tensors to one.
+``search-bundle`` and ``pick`` are ``optimize --tolerance`` in two steps, for
+a target whose candidates run on another machine than the one that builds
+them (``cuda`` built without a GPU): ``fxopt.search_bundle`` and ``fxopt.pick``.
 ``report`` prints a short summary of a saved artifact's report and, with
 ``--html``, writes the full report page (fxopt.report.html).
 """
@@ -55,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
                           "or a number (max relative error)")
     opt.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
     opt.set_defaults(handler=_optimize)
+    bundle = commands.add_parser("search-bundle", help="build every search candidate into a bundle directory, to "
+                                                       "measure and choose on another machine with `fxopt pick`")
+    bundle.add_argument("factory", metavar="MODULE:FACTORY")
+    bundle.add_argument("--target", required=True, choices=list(targets))
+    bundle.add_argument("--preset", choices=presets, help="the target's preset")
+    bundle.add_argument("--passes", help="a pipeline spec, e.g. 'cleanup,fuse-epilogue'")
+    bundle.add_argument("--tolerance", type=_tolerance, required=True,
+                        help="the tolerance pick chooses with unless it is given another: cosine=0.999, "
+                             "max_rel_err=0.01, or a number (max relative error)")
+    bundle.add_argument("--out", required=True, help="bundle directory (replaced atomically)")
+    bundle.set_defaults(handler=_search_bundle)
+    pick = commands.add_parser("pick", help="measure a bundle's candidates here, save the fastest within the "
+                                            "tolerance as an artifact")
+    pick.add_argument("bundle")
+    pick.add_argument("--tolerance", type=_tolerance, help="default: the bundle's")
+    pick.add_argument("--out", required=True, help="artifact directory for the chosen candidate")
+    pick.add_argument("--allow-torch-mismatch", action="store_true",
+                      help="accept a bundle built under another torch major.minor (as fxopt.load does)")
+    pick.set_defaults(handler=_pick)
     run = commands.add_parser("run", help="run a saved artifact on inputs from a safetensors file")
     run.add_argument("artifact")
     run.add_argument("--inputs", required=True)
@@ -81,6 +105,27 @@ def _optimize(args) -> int:
     print(f"saved {path} (target {args.target}): {report['params']:,} weights, "
           f"{report['size_bytes'] / 1e6:.2f} MB (was {report['original_size_bytes'] / 1e6:.2f} MB); "
           f"pipeline {optimized.pipeline}")
+    return 0
+
+
+def _search_bundle(args) -> int:
+    import fxopt
+    made = _call_factory(args.factory)
+    path = fxopt.search_bundle(made[0], tuple(made[1]), args.out, target=args.target, tolerance=args.tolerance,
+                               calibration_data=made[2] if len(made) > 2 else None, preset=args.preset,
+                               passes=args.passes)
+    print(f"saved search bundle {path} (target {args.target}); measure and choose where the model will run: "
+          f"fxopt pick {path} --out ARTIFACT")
+    return 0
+
+
+def _pick(args) -> int:
+    import fxopt
+    chosen = fxopt.pick(args.bundle, tolerance=args.tolerance, out=args.out,
+                        allow_torch_mismatch=args.allow_torch_mismatch)
+    search = chosen.report()["search"]
+    print(f"saved {os.path.abspath(args.out)}: {search['chosen']} ({search['tolerance']}), "
+          f"{search['latency_ms']:.4g} ms; pipeline {chosen.pipeline}")
     return 0
 
 

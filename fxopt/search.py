@@ -229,7 +229,7 @@ def measure_against(candidates: Sequence[Candidate], reference: Outputs, batches
         candidate.speedup = base / seconds[candidate.name]
     passing = [c for c in candidates if c.meets]
     if not passing:
-        raise InputError(f"optimize: no candidate meets tolerance {tolerance.describe()}, not even the float one; "
+        raise InputError(f"search: no candidate meets tolerance {tolerance.describe()}, not even the float one; "
                          f"loosen it (measured: {_summary(candidates, tolerance)})")
     chosen = min(passing, key=lambda c: c.latency_ms)
     chosen.chosen = True

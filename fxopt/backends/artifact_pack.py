@@ -88,14 +88,17 @@ def _weights(pack_dir: Path, entry: dict) -> Dict[str, torch.Tensor]:
     by_shard: Dict[str, List[List[str]]] = {}
     for key, digest, shard in entry["weights"]:
         by_shard.setdefault(shard, []).append([key, digest])
-    tensors = {}
+    tensors, seen = {}, set()
     for shard, keys in by_shard.items():
         path = pack_dir / WEIGHTS / shard
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; copy the whole directory again")
         with safe_open(str(path), framework="pt") as weights:
             for key, digest in keys:
-                tensors[key] = weights.get_tensor(digest)
+                tensor = weights.get_tensor(digest)
+                # equal tensors stored twice by the artifact stay two tensors (safetensors refuses shared memory)
+                tensors[key] = tensor.clone() if digest in seen else tensor
+                seen.add(digest)
     return tensors
 
 
