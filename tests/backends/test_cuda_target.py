@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import fxopt
-from fxopt.errors import DeviceError, InputError
+from fxopt.errors import DeviceError
 
 pytest.importorskip("tvm")
 HAS_GPU = torch.cuda.is_available()
@@ -81,11 +81,6 @@ def test_without_a_gpu_running_is_a_clear_error_but_the_build_worked(built):
         optimized(x)
     with pytest.raises(DeviceError, match="no CUDA device"):
         fxopt.load(directory)(x)
-
-
-def test_search_on_cuda_is_refused_with_a_reason():
-    with pytest.raises(InputError, match="not supported for target='cuda'"):
-        fxopt.optimize(torch.nn.Linear(4, 4), (torch.randn(2, 4),), target="cuda", tolerance={"cosine": 0.99})
 
 
 FRESH_PROCESS = textwrap.dedent("""
