@@ -344,7 +344,7 @@ def test_an_unknown_op_in_graph_json_is_refused(saved, bad_target):
     data = json.loads(path.read_text())
     next(n for n in data["nodes"] if n["op"] == "call_function")["target"] = bad_target
     path.write_text(json.dumps(data))
-    rewrite_manifest(saved, lambda m: m["files"].update({"graph.json": artifact._file_record(path)}))
+    rewrite_manifest(saved, lambda m: m["files"].update({"graph.json": artifact.file_record(path)}))
     with pytest.raises(ArtifactError, match=rf"unknown op '{bad_target}'"):
         load_artifact(saved)
 
