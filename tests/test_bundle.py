@@ -149,3 +149,48 @@ def test_the_cli_builds_a_bundle_and_picks_from_it(tmp_path, capsys):
     assert "fxopt pick (eager, tolerance max_rel_err <= 1e-05)" in printed and f"saved {chosen}: float" in printed
     assert main(["pick", str(tmp_path), "--out", str(chosen)]) == 2
     assert "fxopt pick: " in capsys.readouterr().err
+
+
+# ---------------------------------------- a target whose speedups are against a candidate, as cuda's are
+class ToyDeviceTarget(__import__("tests.test_targets", fromlist=["ToyTarget"]).ToyTarget):
+    """The toy target, timed like cuda: against its float candidate, on inputs it places itself, 3 rounds."""
+
+    name = "toy-device"
+    search_baseline = "float"
+    search_rounds = 3
+    placed = []
+
+    def timing_inputs(self, inputs):
+        self.placed.append(len(inputs))
+        return tuple(x.clone() for x in inputs)
+
+
+@pytest.fixture
+def toy_device():
+    from fxopt.targets.registry import _TARGETS
+    fxopt.register_target(ToyDeviceTarget)
+    yield ToyDeviceTarget
+    _TARGETS.pop(ToyDeviceTarget.name)
+
+
+def test_a_candidate_baseline_holds_in_one_step_and_in_two(toy_device, tmp_path, capsys):
+    data = batches(8)
+    ToyDeviceTarget.placed.clear()
+    optimized = fxopt.optimize(mlp(), data[0], target="toy-device", calibration_data=data,
+                               tolerance={"cosine": 0.99})
+    printed = capsys.readouterr().out
+    report = optimized.report()
+    assert report["original_latency_ms"] is None and report["search"]["baseline"] == "float"
+    assert "speedup vs float" in printed and "  original" not in printed
+    assert next(c for c in report["candidates"] if c["name"] == "float")["speedup"] == 1.0
+    assert ToyDeviceTarget.placed == [1]
+    # two steps: no original in the bundle; pick times the same way
+    path = fxopt.search_bundle(mlp(), data[0], tmp_path / "b", target="toy-device", tolerance={"cosine": 0.99},
+                               calibration_data=data, progress=False)
+    assert json.loads((path / "bundle.json").read_text())["original"] is None
+    picked = fxopt.pick(path, out=tmp_path / "chosen")
+    assert "speedup vs float" in capsys.readouterr().out and ToyDeviceTarget.placed == [1, 1]
+    rows = picked.report()["candidates"]
+    assert picked.report()["search"]["chosen"] == min((c for c in rows if c["meets"]),
+                                                      key=lambda c: c["latency_ms"])["name"]
+    assert fxopt.load(tmp_path / "chosen").runner.note == "hello"  # the toy's own file travelled
