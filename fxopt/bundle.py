@@ -142,8 +142,8 @@ def pick(directory: Union[str, Path], tolerance: Optional[Union[float, Dict[str,
     target = target_class(meta["target"])(**meta["options"])
     if not target.runs_here():
         raise DeviceError(f"pick {directory}: its {meta['target']!r} candidates do not run on this machine "
-                          f"({_missing_device(meta['target'])}); copy the bundle to the machine the model will run "
-                          "on (for 'cuda': one with an NVIDIA GPU; TVM's runtime is enough) and pick there")
+                          f"({target.device_description() or 'runs_here() is False'}); copy the bundle to the "
+                          "machine the model will run on (it needs no compiler, no model source) and pick there")
     chosen_tolerance = parse_tolerance(tolerance if tolerance is not None else meta["tolerance"], metric)
     example, batches, reference = _read_data(directory / DATA_FILE, meta["data"])
     scratch = Path(tempfile.mkdtemp(prefix="fxopt-pick-"))
@@ -160,7 +160,7 @@ def pick(directory: Union[str, Path], tolerance: Optional[Union[float, Dict[str,
         raise
     if progress:
         print(f"fxopt pick ({meta['target']}, tolerance {chosen_tolerance.describe()}), measured on this machine"
-              f"{_device_suffix(meta['target'])}:\n{found.table()}", flush=True)
+              f"{_suffix(target.device_description())}:\n{found.table()}", flush=True)
     for number, candidate in enumerate(candidates):  # the winner's files stay while it lives (save copies them)
         if candidate is not found.chosen:
             shutil.rmtree(scratch / str(number), ignore_errors=True)
@@ -202,12 +202,8 @@ def _read_data(path: Path, layout: dict) -> Tuple[tuple, List[tuple], List[List[
     return example, batches, reference
 
 
-def _missing_device(target: str) -> str:
-    return "torch.cuda.is_available() is False" if target == "cuda" else "the target's runs_here() is False"
-
-
-def _device_suffix(target: str) -> str:
-    return f" ({torch.cuda.get_device_name()})" if target == "cuda" and torch.cuda.is_available() else ""
+def _suffix(description: str) -> str:
+    return f" ({description})" if description else ""
 
 
 # ===================================================================== reading a bundle

@@ -22,6 +22,12 @@ as the median of interleaved runs on the example inputs, all candidates and
 the original model in the same loop (``fxopt.report.timing.compare_latency``),
 so the ranking is by time on this machine, never by MACs. The search does not
 stop at the first candidate that passes: it builds them all, then picks.
+
+A target may time its candidates against one of them rather than the original
+(``Target.search_baseline``: cuda's fp16, on the GPU), on inputs it places
+(``Target.timing_inputs``). Where the candidates cannot run on the machine that
+builds them, :mod:`fxopt.bundle` splits the search in two: ``search_bundle``
+builds, ``pick`` measures with :func:`measure_against` and chooses.
 """
 from __future__ import annotations
 

@@ -115,6 +115,11 @@ class Target:
         """Whether the lowered model runs on this machine (optimize times it against the original only then)."""
         return True
 
+    def device_description(self) -> str:
+        """The device the lowered model runs on here, or why it cannot run here, for messages and the search's
+        table (cuda: the GPU's name). Default: nothing to say."""
+        return ""
+
     def build(self, context: BuildContext) -> Build:
         """The graph to lower. Default: the pipeline's graph as it is."""
         return Build(context.fused, context.pipeline, self.name)

@@ -126,6 +126,10 @@ class CudaTarget(Target):
         import torch
         return torch.cuda.is_available()
 
+    def device_description(self):
+        import torch
+        return torch.cuda.get_device_name() if self.runs_here() else "torch.cuda.is_available() is False"
+
     def lower(self, graph, example_inputs=(), progress=False, built_with=None):
         from fxopt.backends.tvm_cuda import deploy
         say(progress, f"fxopt cuda: building with TVM and nvcc ({self.settings}) ...")
