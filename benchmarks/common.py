@@ -20,7 +20,8 @@ def deterministic_init_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.M
             gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
             if "LayerNorm.weight" in name or name.endswith("ln_1.weight") or name.endswith("ln_2.weight") \
-                    or name.endswith("ln_f.weight") or "layernorm" in name.lower() and name.endswith("weight"):
+                    or name.endswith("ln_f.weight") or "layernorm" in name.lower() and name.endswith("weight") \
+                    or name == "norm.weight":  # Llama's final RMSNorm
                 values = 1.0 + values
             param.copy_(values.to(param.dtype))
     return model
@@ -73,7 +74,21 @@ def vit_base(batch: int = 8):
     return model, (torch.randn(batch, 3, 224, 224, generator=gen),)
 
 
-MODELS = {"bert": bert_base, "gpt2": gpt2_small, "vit": vit_base}
+def llama_stack(batch: int = 8, seq: int = 128):
+    """Issue 22's Llama-architecture decoder: 12 layers, hidden 768, 12 query / 4 kv heads (GQA), SwiGLU of 2048,
+    RoPE, RMSNorm; the full-sequence forward of the base model (no LM head, no cache)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, use_cache=False,
+                         attn_implementation="sdpa")
+    model = deterministic_init_(LlamaModel(config)).eval()
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1000, config.vocab_size, (batch, seq), generator=gen)
+    return model, (input_ids, torch.ones(batch, seq, dtype=torch.long))
+
+
+MODELS = {"bert": bert_base, "gpt2": gpt2_small, "vit": vit_base, "llama": llama_stack}
 
 
 def minilm_halves(sentences: int, batch: int = 32, max_length: int = 64) -> dict:

@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repo root: fxopt and benchmarks
 
 from benchmarks.common import MODELS, bert_tiny, git_rev, relative_error  # noqa: E402
 
-SHAPES = {"bert": "batch 8 x seq 128", "gpt2": "batch 8 x seq 128", "vit": "batch 8 x 3x224x224",
+SHAPES = {"bert": "batch 8 x seq 128", "gpt2": "batch 8 x seq 128", "llama": "batch 8 x seq 128",
+          "vit": "batch 8 x 3x224x224",
           "bert-tiny": "batch 2 x seq 16"}
 
 
