@@ -38,7 +38,7 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: Unio
              calibration_data: Optional[Iterable[Sequence[torch.Tensor]]] = None,
              tolerance: Optional[Union[float, Dict[str, float]]] = None, metric: Optional[Callable] = None,
              progress: bool = True, options: Optional[Mapping[str, Any]] = None,
-             precision: Optional[str] = None) -> OptimizedModel:
+             precision: Optional[str] = None, dynamic_shapes: Optional[Any] = None) -> OptimizedModel:
     """Capture ``model``, run the target's pipeline, build, lower. The model itself is never changed.
 
     ``target`` is a registered name (``fxopt.targets.registered_targets()``) with ``options`` for it, or a
@@ -55,10 +55,15 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: Unio
     ``calibration_data`` (a list, a ``DataLoader`` or a generator of input tuples) is streamed, never held
     as a whole: a re-iterable is iterated again for each pass, a one-shot iterator is spilled to a temporary
     file first (``fxopt.passes.infra.batches``).
+
+    ``dynamic_shapes`` (torch.export's format: ``({0: Dim("batch", min=1, max=64), 1: Dim("seq", max=128)},
+    ...)`` per input, or a dict keyed by forward()'s parameter names) lets the result take other sizes within
+    those ranges; an input outside them raises an InputError naming the dim, its range and the size. Targets
+    that build for static shapes only (``cuda`` today) refuse it.
     """
     with trimming_while_resident_grows():
         with prepared(model, example_inputs, target, preset, passes, calibration_data, tolerance, metric, progress,
-                      options, precision) as (chosen_target, context, stats):
+                      options, precision, dynamic_shapes=dynamic_shapes) as (chosen_target, context, stats):
             build = _search(chosen_target, context, stats) if context.tolerance else _build(chosen_target, context)
             original, fused = context.original, context.fused
         # the fused graph (its merged weights) goes before lowering, the peak
@@ -70,7 +75,8 @@ def optimize(model: torch.nn.Module, example_inputs: Sequence[Any], target: Unio
 
 @contextmanager
 def prepared(model, example_inputs, target, preset=None, passes=None, calibration_data=None, tolerance=None,
-             metric=None, progress=True, options=None, precision=None, measure_here: bool = True):
+             metric=None, progress=True, options=None, precision=None, measure_here: bool = True,
+             dynamic_shapes=None):
     """What optimize does before it builds: check the arguments, capture, run the pipeline, stream the
     calibration data. Yields ``(target, BuildContext, stats)``; leaving it closes the calibration stream.
     ``measure_here=False`` (a search bundle) lets a target search whose candidates cannot run here."""
@@ -84,7 +90,9 @@ def prepared(model, example_inputs, target, preset=None, passes=None, calibratio
     parsed_tolerance = parse_tolerance(tolerance, metric) if tolerance is not None else None
     if parsed_tolerance is not None:
         chosen_target.check_search(measure_here)
-    original = capture(model, example_inputs)
+    if dynamic_shapes is not None:
+        chosen_target.check_dynamic_shapes()
+    original = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     warn = chosen_target.name if chosen_target.calibrates else None
     with calibration_batches(example_inputs, calibration_data, warn_for=warn) as calibration:
         # passes that read data (GPTQ, whitened low-rank, ...) get the user's, never the example inputs

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import os
 import traceback
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
 from fxopt.errors import CaptureError
 from fxopt.ir import meta as M
-from fxopt.ir.graph import Graph
+from fxopt.ir.graph import DimRange, Graph
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXOPT_DIR = os.path.dirname(os.path.dirname(__file__))
@@ -65,8 +67,49 @@ def capture(
         module = exported.module()
     _drop_export_guards(module)
     graph = Graph(module)
+    if dynamic_shapes is not None:
+        graph.input_specs = _with_ranges(graph.input_specs, exported.range_constraints,
+                                         _dim_labels(work, dynamic_shapes, len(args)), module)
     graph.refresh_meta()
     return graph
+
+
+def _dim_labels(model: torch.nn.Module, dynamic_shapes: Any, n_args: int) -> Dict[Tuple[int, int], str]:
+    """(input index, dim) -> the name of the ``torch.export.Dim`` the caller gave it, for error messages."""
+    if isinstance(dynamic_shapes, dict):  # keyed by forward()'s parameter names
+        names = list(inspect.signature(model.forward).parameters)[:n_args]
+        per_input = [dynamic_shapes.get(name) for name in names]
+    else:
+        per_input = list(dynamic_shapes)
+    labels = {}
+    for index, dims in enumerate(per_input):
+        items = dims.items() if isinstance(dims, dict) else enumerate(dims or ())
+        for dim, spec in items:
+            if spec is not None and getattr(spec, "__name__", None):
+                labels[(index, dim)] = spec.__name__
+    return labels
+
+
+def _finite(bound) -> Optional[int]:
+    """A range bound as an int, or None for torch's unbounded ``int_oo``."""
+    try:
+        return int(bound)
+    except (OverflowError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _with_ranges(specs, range_constraints, labels, module) -> tuple:
+    """``specs`` with each dynamic dim's range from torch.export's range constraints."""
+    bounds = {str(symbol): (_finite(r.lower) or 0, _finite(r.upper)) for symbol, r in range_constraints.items()}
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    ranged = []
+    for index, (spec, node) in enumerate(zip(specs, placeholders)):
+        ranges = []
+        for dim, size in enumerate(node.meta["val"].shape):
+            bound = bounds.get(str(size)) if isinstance(size, torch.SymInt) else None
+            ranges.append(None if bound is None else DimRange(labels.get((index, dim), str(size)), *bound))
+        ranged.append(dataclasses.replace(spec, ranges=tuple(ranges)))
+    return tuple(ranged)
 
 
 def _shared_parameters(model: torch.nn.Module) -> dict:

@@ -24,15 +24,37 @@ BATCH_NORMS = (torch.ops.aten._native_batch_norm_legit_no_training.default, torc
 
 
 @dataclass(frozen=True)
+class DimRange:
+    """The sizes a dynamic dim takes: ``low`` to ``high`` inclusive (``high`` None: unbounded), as given to
+    ``dynamic_shapes`` (``torch.export.Dim("batch", min=1, max=64)``)."""
+
+    label: str
+    low: int
+    high: Optional[int]
+
+    def __contains__(self, size: int) -> bool:
+        return size >= self.low and (self.high is None or size <= self.high)
+
+    def describe(self) -> str:
+        return f"{self.label}={self.low}..{'' if self.high is None else self.high}"
+
+
+@dataclass(frozen=True)
 class InputSpec:
-    """What a graph input must look like: ``None`` in ``shape`` marks a dynamic dim."""
+    """What a graph input must look like: ``None`` in ``shape`` marks a dynamic dim, whose range (where the
+    capture knew it) is in ``ranges``, one entry per dim (None for static dims)."""
 
     name: str
     shape: Tuple[Optional[int], ...]
     dtype: torch.dtype
+    ranges: Tuple[Optional[DimRange], ...] = ()
+
+    def range_of(self, dim: int) -> Optional[DimRange]:
+        return self.ranges[dim] if dim < len(self.ranges) else None
 
     def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        dims = ", ".join(str(d) if d is not None else (self.range_of(i).describe() if self.range_of(i) else "?")
+                         for i, d in enumerate(self.shape))
         return f"{str(self.dtype).replace('torch.', '')}[{dims}]"
 
 
@@ -271,6 +293,14 @@ def _check_one_input(spec: InputSpec, value) -> None:
             f"input {spec.name}: shape {list(value.shape)} does not match the captured {spec.describe()}; "
             "re-capture with dynamic_shapes to allow other sizes"
         )
+    for dim, size in enumerate(value.shape):
+        allowed = spec.range_of(dim)
+        if allowed is not None and size not in allowed:
+            raise InputError(
+                f"input {spec.name}: dim {dim} ({allowed.label}) is {size}, outside its range "
+                f"{allowed.low}..{'' if allowed.high is None else allowed.high} (dynamic_shapes); split or pad the "
+                "input to fit, or capture again with a wider range"
+            )
 
 
 def _owner_and_attr(module: torch.nn.Module, target: str):

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import ArtifactError, describe_node
 from fxopt.ir import meta as M
-from fxopt.ir.graph import Graph, InputSpec
+from fxopt.ir.graph import DimRange, Graph, InputSpec
 from fxopt.ir.serialize_values import (  # noqa: F401  (BUILTIN_TARGETS, resolve_target: importable from here too)
     BUILTIN_TARGETS, DTYPES, dtype_name, lookup, resolve_target, target_to_json,
     value_from_json as _value_from_json, value_to_json as _value_to_json,
@@ -63,7 +63,16 @@ def graph_to_json(graph: Graph) -> dict:
 
 
 def _spec_to_json(spec: InputSpec) -> dict:
-    return {"name": spec.name, "shape": list(spec.shape), "dtype": dtype_name(spec.dtype)}
+    entry = {"name": spec.name, "shape": list(spec.shape), "dtype": dtype_name(spec.dtype)}
+    if any(spec.ranges):  # a dynamic capture's ranges: [label, low, high or null] per dim, null for static dims
+        entry["ranges"] = [None if r is None else [r.label, r.low, r.high] for r in spec.ranges]
+    return entry
+
+
+def _spec_from_json(entry: dict) -> InputSpec:
+    ranges = tuple(None if r is None else DimRange(str(r[0]), int(r[1]), None if r[2] is None else int(r[2]))
+                   for r in entry.get("ranges", ()))
+    return InputSpec(entry["name"], tuple(entry["shape"]), lookup(DTYPES, entry["dtype"], "dtype"), ranges)
 
 
 def _node_to_json(graph: Graph, node: fx.Node, symbols: Dict[str, int]) -> dict:
@@ -140,8 +149,7 @@ def _build_graph(data: dict, params: Dict[str, torch.Tensor]) -> Graph:
     for entry in data["nodes"]:
         nodes[entry["name"]] = _node_from_json(fx_graph, entry, nodes)
     module = fx.GraphModule(weights_module(data["params"], params), fx_graph)
-    specs = [InputSpec(s["name"], tuple(s["shape"]), lookup(DTYPES, s["dtype"], "dtype"))
-             for s in data["input_specs"]]
+    specs = [_spec_from_json(s) for s in data["input_specs"]]
     graph = Graph(module, specs)
     _set_placeholder_vals(graph, data["nodes"], data.get("symbols", {}))
     _recompute_meta(graph)

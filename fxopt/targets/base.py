@@ -106,6 +106,10 @@ class Target:
         its candidates here and ``measure_here`` (``optimize``; a search bundle measures them elsewhere).
         Default: it can."""
 
+    def check_dynamic_shapes(self) -> None:
+        """Raise InputError when this target builds for static shapes only (``dynamic_shapes=``). Default: it
+        builds for any size the captured ranges allow."""
+
     def timing_inputs(self, inputs: Sequence[Any]) -> Tuple[Any, ...]:
         """The example inputs as the search times the candidates on them (cuda: already on the GPU). Default: as
         they are."""

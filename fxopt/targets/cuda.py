@@ -70,6 +70,12 @@ class CudaTarget(Target):
         it calibrates on the example inputs, and optimize warns (as for x86-int8)."""
         return self.settings["precision"] in CALIBRATED_PRECISIONS
 
+    def check_dynamic_shapes(self) -> None:
+        raise InputError("optimize(target='cuda'): dynamic_shapes= is not supported yet: the cuda build plans its "
+                         "kernels, CUDA graphs and memory for the example inputs' shapes; drop dynamic_shapes (and "
+                         "build one artifact per shape you serve), or use target='x86-int8' or 'eager', which take "
+                         "any size within the ranges")
+
     def check_search(self, measure_here=True):
         if measure_here and not self.runs_here():
             raise DeviceError(
