@@ -21,6 +21,7 @@ import os
 import sys
 from typing import List, Optional
 
+from fxopt.backends.tvm_cuda import extension_calls
 from fxopt.errors import DeviceError
 
 SONAME = "libcusparseLt.so.0"
@@ -28,8 +29,8 @@ PRUNE = "fxopt.cusparselt.prune"
 IS_PRUNED = "fxopt.cusparselt.is_pruned"
 COMPRESSED_BYTES = "fxopt.cusparselt.compressed_bytes"
 COMPRESS = "fxopt.cusparselt.compress"
-GEMM = "fxopt.cusparselt.matmul"
-GEMM_BIAS = "fxopt.cusparselt.matmul_bias"
+GEMM = extension_calls.SPARSE24_GEMM
+GEMM_BIAS = extension_calls.SPARSE24_GEMM_BIAS
 LOAD = "fxopt.cusparselt.load"
 SEARCH_LOG = "fxopt.cusparselt.search_log"
 
