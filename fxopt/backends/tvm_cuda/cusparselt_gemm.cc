@@ -20,7 +20,8 @@
 // A plan is made once per (shape, dtype, bias pointer): the first plan of a shape runs cusparseLtMatmulSearch on
 // the real operands (cuSPARSELt times its kernels and split-K choices and keeps the fastest); later plans of the
 // shape (another bias) reuse that choice. If the search fails, the shape runs cuSPARSELt's default algorithm, and
-// search_log says so. Planning never happens inside a CUDA graph capture. Calls run on TVM's current stream.
+// search_log says so ($FXOPT_CUSPARSELT_SEARCH=0 turns the search off). Planning never happens inside a CUDA graph
+// capture. Calls run on TVM's current stream. $FXOPT_CUSPARSELT_SYNC=1 synchronizes after every cuSPARSELt call.
 #include <dlfcn.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -109,15 +110,34 @@ std::string StatusName(Status status) {
   return (name ? std::string(name) : std::string("status")) + " (" + std::to_string(status) + ")";
 }
 
-void Check(Status status, const char* what) {
-  if (status != kSuccess) {
-    TVM_FFI_THROW(RuntimeError) << "fxopt.cusparselt: " << what << " failed: " << StatusName(status);
-  }
+bool EnvFlag(const char* name, bool otherwise) {
+  const char* value = std::getenv(name);
+  return value == nullptr || *value == 0 ? otherwise : std::string(value) != "0";
 }
+
+// $FXOPT_CUSPARSELT_SYNC=1: synchronize after every cuSPARSELt call and report a CUDA error there (debugging: an
+// asynchronous fault is then blamed on the call that caused it, not on a later one).
+const bool kDebugSync = EnvFlag("FXOPT_CUSPARSELT_SYNC", false);
+// $FXOPT_CUSPARSELT_SEARCH=0: no algorithm search; every shape runs cuSPARSELt's default algorithm.
+const bool kSearch = EnvFlag("FXOPT_CUSPARSELT_SEARCH", true);
 
 void CheckCuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
     TVM_FFI_THROW(RuntimeError) << "fxopt.cusparselt: " << what << " failed: " << cudaGetErrorString(status);
+  }
+}
+
+void Check(Status status, const char* what) {
+  if (status != kSuccess) {
+    cudaError_t cuda = cudaGetLastError();
+    TVM_FFI_THROW(RuntimeError) << "fxopt.cusparselt: " << what << " failed: " << StatusName(status)
+                                << (cuda != cudaSuccess ? std::string(" (CUDA: ") + cudaGetErrorString(cuda) + ")" : "");
+  }
+  if (kDebugSync) {
+    cudaError_t cuda = cudaDeviceSynchronize();
+    if (cuda != cudaSuccess) {
+      TVM_FFI_THROW(RuntimeError) << "fxopt.cusparselt: CUDA error after " << what << ": " << cudaGetErrorString(cuda);
+    }
   }
 }
 
@@ -242,6 +262,8 @@ bool IsPrunedLocked(DeviceState& dev, const TensorView& w, int64_t n, int64_t k,
                     cudaStream_t stream) {
   Opaque mat;
   WeightDescriptor(dev, &mat, n, k, dtype);
+  // cuSPARSELt only raises the flag for an invalid group: it must start at 0
+  CheckCuda(cudaMemsetAsync(dev.valid, 0, sizeof(int), stream), "cudaMemsetAsync");
   Check(api.SpMMAPruneCheck2(&dev.handle, &mat, 1, kOpNonTranspose, DataPtr(w), dev.valid, stream),
         "cusparseLtSpMMAPruneCheck2");
   int invalid = 1;
@@ -295,11 +317,10 @@ void Compress(const TensorView& w, const TensorView& out) {
   void* buffer = nullptr;
   if (buffer_bytes > 0) CheckCuda(cudaMalloc(&buffer, buffer_bytes), "cudaMalloc(compress buffer)");
   Status status = api.SpMMACompress2(&dev.handle, &mat, 1, kOpNonTranspose, DataPtr(w), DataPtr(out), buffer, stream);
-  if (buffer != nullptr) {
-    cudaStreamSynchronize(stream);
-    cudaFree(buffer);
-  }
+  cudaError_t done = cudaStreamSynchronize(stream);  // a one-time step: its faults are reported here
+  if (buffer != nullptr) cudaFree(buffer);
   Check(status, "cusparseLtSpMMACompress2");
+  CheckCuda(done, "cusparseLtSpMMACompress2 (its kernels)");
 }
 
 // ------------------------------------------------------------------------------------------------ the GEMM
@@ -445,7 +466,12 @@ void Run(const Gemm& g, int device_id) {
     Describe(dev, *plan, g);
     CheckWeightBytes(g, *plan);
     auto choice = dev.choices.find(g.Key());
-    if (choice == dev.choices.end()) {
+    if (choice == dev.choices.end() && !kSearch) {
+      InitPlan(dev, *plan);
+      dev.choices[g.Key()] = Choice();
+      search_log += "M=" + std::to_string(g.m) + " N=" + std::to_string(g.n) + " K=" + std::to_string(g.k) +
+                    (g.bias ? " bias" : "") + ": the default algorithm (FXOPT_CUSPARSELT_SEARCH=0)\n";
+    } else if (choice == dev.choices.end()) {
       Search(dev, *plan, g, stream);
     } else {
       if (choice->second.searched) SetChoice(dev, *plan, choice->second);
