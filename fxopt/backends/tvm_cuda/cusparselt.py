@@ -33,6 +33,7 @@ GEMM = extension_calls.SPARSE24_GEMM
 GEMM_BIAS = extension_calls.SPARSE24_GEMM_BIAS
 LOAD = "fxopt.cusparselt.load"
 SEARCH_LOG = "fxopt.cusparselt.search_log"
+FORM = "fxopt.cusparselt.form"
 
 
 def wheel_library_paths() -> List[str]:
@@ -79,6 +80,9 @@ class Sparse24:
         self.version = load_library()
         self._f = {name: tvm_ffi.get_global_func(name)
                    for name in (PRUNE, IS_PRUNED, COMPRESSED_BYTES, COMPRESS, GEMM, GEMM_BIAS, SEARCH_LOG)}
+        #: how the GEMM is put to cuSPARSELt ($FXOPT_CUSPARSELT_FORM, cusparselt_gemm.cc): "col" by default;
+        #: under "torch" (a diagnosis form) linear's out holds y^T, [N, M] row-major
+        self.form = str(tvm_ffi.get_global_func(FORM)())
 
     def prune(self, weight):
         """``weight`` [N, K] with the two smaller magnitudes of every four along K set to zero (cuSPARSELt's)."""

@@ -9,13 +9,13 @@
 //   fxopt.cusparselt.matmul(x, wc, out)             out [..., N] = x [..., K] @ W^T, W 2:4 sparse, compressed as wc
 //   fxopt.cusparselt.matmul_bias(x, wc, bias, out)  ... + bias [N], added in cuSPARSELt's epilogue
 //   fxopt.cusparselt.search_log() -> str            one line per planned shape: the algorithm chosen, or why not
+//   fxopt.cusparselt.form() -> str                  how the GEMM is put to cuSPARSELt ($FXOPT_CUSPARSELT_FORM)
 // x, w, out and bias share one dtype, float16 or bfloat16; products accumulate in fp32. W is a linear's weight
 // [N, K] (not transposed); N comes from out, K from x.
 //
-// In cuSPARSELt's terms the GEMM is D [N x M] = A [N x K] * op(B): A is the structured (2:4) weight, row-major;
-// B is x, row-major [M, K] read transposed; D is column-major with leading dimension N, which is the row-major
-// out [M, N]. (The same forms as PyTorch's _cslt_sparse_mm with transpose_result.) The compressed weight depends
-// on A's descriptor alone, so one compression serves every M.
+// In cuSPARSELt's terms the GEMM is D [N x M] = op(A) [N x K] * op(B) [K x M], A the structured (2:4) weight and
+// D column-major with leading dimension N, which is the row-major out [M, N]; WeightDescriptor lists the forms.
+// The compressed weight depends on A's descriptor alone, so one compression serves every M.
 //
 // A plan is made once per (shape, dtype, bias pointer): the first plan of a shape runs cusparseLtMatmulSearch on
 // the real operands (cuSPARSELt times its kernels and split-K choices and keeps the fastest); later plans of the
@@ -234,10 +234,38 @@ void EnsureWorkspace(DeviceState& dev, size_t bytes) {
   dev.workspace_bytes = bytes;
 }
 
-// The structured descriptor of w [N, K] (row-major, 2:4 along K): the one prune, compress and matmul share.
+// How the GEMM is put to cuSPARSELt ($FXOPT_CUSPARSELT_FORM; the weight's compressed layout depends on it, so
+// compress and matmul must run under the same form). In every form the structured operand is A = W, stored as
+// the row-major [N, K] it is, and x is the row-major [M, K] it is:
+//   col (default):  all column-major: A = W as K x N, opA = T; B = x as K x M, opB = N; D = out as N x M (ld N),
+//                   which is the row-major out [M, N];
+//   colout:         A = W row-major N x K, opA = N; B = x row-major M x K, opB = T; D column-major N x M (ld N):
+//                   mixed orders, PyTorch's _cslt_sparse_mm with transpose_result=True;
+//   torch:          as colout but D row-major N x M: out's memory holds y^T [N, M] (PyTorch's default F.linear
+//                   path, which transposes afterwards); for measurement only.
+enum class Form { kCol, kColOut, kTorch };
+
+Form ReadForm() {
+  const char* value = std::getenv("FXOPT_CUSPARSELT_FORM");
+  std::string form = value ? value : "col";
+  if (form == "colout") return Form::kColOut;
+  if (form == "torch") return Form::kTorch;
+  return Form::kCol;
+}
+
+const Form kForm = ReadForm();
+
+const char* FormName() { return kForm == Form::kCol ? "col" : kForm == Form::kColOut ? "colout" : "torch"; }
+
+// The op of the structured operand, as prune and compress take it.
+int WeightOp() { return kForm == Form::kCol ? kOpTranspose : kOpNonTranspose; }
+
+// The structured descriptor of w [N, K] (2:4 along K): the one prune, compress and matmul share.
 void WeightDescriptor(DeviceState& dev, Opaque* mat, int64_t n, int64_t k, cudaDataType dtype) {
-  Check(api.StructuredDescriptorInit(&dev.handle, mat, n, k, k, 16, dtype, kOrderRow, kSparsity50Percent),
-        "cusparseLtStructuredDescriptorInit (the weight)");
+  Status status = kForm == Form::kCol
+                      ? api.StructuredDescriptorInit(&dev.handle, mat, k, n, k, 16, dtype, kOrderCol, kSparsity50Percent)
+                      : api.StructuredDescriptorInit(&dev.handle, mat, n, k, k, 16, dtype, kOrderRow, kSparsity50Percent);
+  Check(status, "cusparseLtStructuredDescriptorInit (the weight)");
 }
 
 // ------------------------------------------------------------------------------------------------ weights
@@ -254,7 +282,7 @@ void Prune(const TensorView& w, const TensorView& out) {
   DeviceState& dev = Device(w.device().device_id, stream);
   Opaque mat;
   WeightDescriptor(dev, &mat, n, k, dtype);
-  Check(api.SpMMAPrune2(&dev.handle, &mat, 1, kOpNonTranspose, DataPtr(w), DataPtr(out), kPruneStrip, stream),
+  Check(api.SpMMAPrune2(&dev.handle, &mat, 1, WeightOp(), DataPtr(w), DataPtr(out), kPruneStrip, stream),
         "cusparseLtSpMMAPrune2");
 }
 
@@ -264,7 +292,7 @@ bool IsPrunedLocked(DeviceState& dev, const TensorView& w, int64_t n, int64_t k,
   WeightDescriptor(dev, &mat, n, k, dtype);
   // cuSPARSELt only raises the flag for an invalid group: it must start at 0
   CheckCuda(cudaMemsetAsync(dev.valid, 0, sizeof(int), stream), "cudaMemsetAsync");
-  Check(api.SpMMAPruneCheck2(&dev.handle, &mat, 1, kOpNonTranspose, DataPtr(w), dev.valid, stream),
+  Check(api.SpMMAPruneCheck2(&dev.handle, &mat, 1, WeightOp(), DataPtr(w), dev.valid, stream),
         "cusparseLtSpMMAPruneCheck2");
   int invalid = 1;
   CheckCuda(cudaMemcpyAsync(&invalid, dev.valid, sizeof(int), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
@@ -316,7 +344,7 @@ void Compress(const TensorView& w, const TensorView& out) {
       << "fxopt.cusparselt: compress's out must have compressed_bytes(w) = " << bytes << " bytes";
   void* buffer = nullptr;
   if (buffer_bytes > 0) CheckCuda(cudaMalloc(&buffer, buffer_bytes), "cudaMalloc(compress buffer)");
-  Status status = api.SpMMACompress2(&dev.handle, &mat, 1, kOpNonTranspose, DataPtr(w), DataPtr(out), buffer, stream);
+  Status status = api.SpMMACompress2(&dev.handle, &mat, 1, WeightOp(), DataPtr(w), DataPtr(out), buffer, stream);
   cudaError_t done = cudaStreamSynchronize(stream);  // a one-time step: its faults are reported here
   if (buffer != nullptr) cudaFree(buffer);
   Check(status, "cusparseLtSpMMACompress2");
@@ -375,12 +403,15 @@ const float kOne = 1.0f, kZero = 0.0f;
 // Descriptors, matmul and algorithm selection of g (the plan itself is initialised by the caller).
 void Describe(DeviceState& dev, Plan& p, const Gemm& g) {
   WeightDescriptor(dev, &p.a, g.n, g.k, g.dtype);
-  Check(api.DenseDescriptorInit(&dev.handle, &p.b, g.m, g.k, g.k, 16, g.dtype, kOrderRow),
+  bool col = kForm == Form::kCol;
+  Check(col ? api.DenseDescriptorInit(&dev.handle, &p.b, g.k, g.m, g.k, 16, g.dtype, kOrderCol)
+            : api.DenseDescriptorInit(&dev.handle, &p.b, g.m, g.k, g.k, 16, g.dtype, kOrderRow),
         "cusparseLtDenseDescriptorInit (x)");
-  Check(api.DenseDescriptorInit(&dev.handle, &p.c, g.n, g.m, g.n, 16, g.dtype, kOrderCol),
+  Check(kForm == Form::kTorch ? api.DenseDescriptorInit(&dev.handle, &p.c, g.n, g.m, g.m, 16, g.dtype, kOrderRow)
+                              : api.DenseDescriptorInit(&dev.handle, &p.c, g.n, g.m, g.n, 16, g.dtype, kOrderCol),
         "cusparseLtDenseDescriptorInit (out)");
-  Check(api.MatmulDescriptorInit(&dev.handle, &p.matmul, kOpNonTranspose, kOpTranspose, &p.a, &p.b, &p.c, &p.c,
-                                 kCompute32F),
+  Check(api.MatmulDescriptorInit(&dev.handle, &p.matmul, col ? kOpTranspose : kOpNonTranspose,
+                                 col ? kOpNonTranspose : kOpTranspose, &p.a, &p.b, &p.c, &p.c, kCompute32F),
         "cusparseLtMatmulDescriptorInit");
   if (g.bias != nullptr) {
     Check(api.MatmulDescSetAttribute(&dev.handle, &p.matmul, kAttributeBiasPointer, &g.bias, sizeof(g.bias)),
@@ -505,6 +536,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
            [](TensorView x, TensorView wc, TensorView bias, TensorView out) {
              Run(Describe(x, wc, &bias, out), x.device().device_id);
            })
+      .def("fxopt.cusparselt.form", []() -> tvm::ffi::String { return tvm::ffi::String(FormName()); })
       .def("fxopt.cusparselt.search_log", []() -> tvm::ffi::String {
         std::lock_guard<std::mutex> lock(mutex);
         return tvm::ffi::String(search_log);
