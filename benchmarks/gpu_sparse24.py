@@ -15,10 +15,13 @@ that same pruned W:
 
 - ``dense``: ``F.linear(x, W, b)``, cuBLAS on the dense pruned weight: the baseline;
 - ``fxopt``: ``fxopt.cusparselt.matmul[_bias]`` (fxopt's cuSPARSELt binding, ``cusparselt_gemm.cc``) on the
-  compressed W, with the algorithm ``cusparseLtMatmulSearch`` picked for that shape; the output written into a
-  preallocated buffer (as TVM's destination-passing calls do).
+  compressed W, the output written into a preallocated buffer (as TVM's destination-passing calls do); with
+  cuSPARSELt's default algorithm, or with the one ``cusparseLtMatmulSearch`` picks for that shape when
+  ``FXOPT_CUSPARSELT_SEARCH=1`` (which crashed on the H100 with cuSPARSELt 0.8.0: see
+  benchmarks/results/gpu_sparse24.md). ``FXOPT_CUSPARSELT_FORM`` picks how the GEMM is put to cuSPARSELt.
 
-Latency: ``triton.testing.do_bench`` median, after the first call (which plans). Correctness in the same run:
+Latency: ``triton.testing.do_bench`` median (its L2 flush between calls included), after the first call (which
+plans). Correctness in the same run:
 the relative error (Frobenius) of each output against fp32 math on the same pruned weight; a sparse result
 further than 1e-2 counts as wrong (no verdict). Verdict per shape from dense ms / fxopt ms: win (> 1.05x),
 loss (< 0.95x), tie. Shapes: BERT-base's linears at M = 1024 (batch 8 x 128; with bias) and Llama-3-8B's
@@ -151,7 +154,7 @@ def markdown(rows) -> str:
 def environment(device: str, sparse) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
            "cusparselt_version": sparse.version, "cusparselt_form": getattr(sparse, "form", None),
-           "cusparselt_search": os.environ.get("FXOPT_CUSPARSELT_SEARCH", "1") != "0"}
+           "cusparselt_search": os.environ.get("FXOPT_CUSPARSELT_SEARCH", "0") not in ("", "0")}
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env

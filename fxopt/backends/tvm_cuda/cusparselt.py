@@ -11,9 +11,11 @@ The weight is pruned and compressed once; each call is then ``y = x @ W^T (+ bia
     packed = ext.compress(w24)                     # uint8, about 9/16 of w24's bytes
     y = ext.linear(x, packed, w24.shape[0], bias)  # x [..., K] -> y [..., N]
 
-The first call of each shape (M, N, K, dtype, bias) runs cuSPARSELt's algorithm search on its operands
-(:meth:`Sparse24.search_log` tells the outcome), so time after a warm-up, and never plan inside a CUDA graph
-capture.
+The first call of each shape (M, N, K, dtype, bias) plans it, so time after a warm-up, and never plan inside a
+CUDA graph capture. Plans use cuSPARSELt's default algorithm; ``FXOPT_CUSPARSELT_SEARCH=1`` makes the first call
+run cuSPARSELt's algorithm search on its operands instead (:meth:`Sparse24.search_log` tells the outcome), which
+with cuSPARSELt 0.8.0 on the H100 ended in an illegal instruction (benchmarks/results/gpu_sparse24.md). M, the
+rows of x, must be a multiple of 8; N and K multiples of 16.
 """
 from __future__ import annotations
 

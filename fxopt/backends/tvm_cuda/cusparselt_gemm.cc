@@ -17,10 +17,11 @@
 // D column-major with leading dimension N, which is the row-major out [M, N]; WeightDescriptor lists the forms.
 // The compressed weight depends on A's descriptor alone, so one compression serves every M.
 //
-// A plan is made once per (shape, dtype, bias pointer): the first plan of a shape runs cusparseLtMatmulSearch on
-// the real operands (cuSPARSELt times its kernels and split-K choices and keeps the fastest); later plans of the
-// shape (another bias) reuse that choice. If the search fails, the shape runs cuSPARSELt's default algorithm, and
-// search_log says so ($FXOPT_CUSPARSELT_SEARCH=0 turns the search off). Planning never happens inside a CUDA graph
+// A plan is made once per (shape, dtype, bias pointer). By default it runs cuSPARSELt's default algorithm; with
+// $FXOPT_CUSPARSELT_SEARCH=1 the first plan of a shape runs cusparseLtMatmulSearch on the real operands
+// (cuSPARSELt times its kernels and split-K choices and keeps the fastest) and later plans of the shape (another
+// bias) reuse that choice; a search that fails without a CUDA fault falls back to the default algorithm, and
+// search_log says which. Planning never happens inside a CUDA graph
 // capture. Calls run on TVM's current stream. $FXOPT_CUSPARSELT_SYNC=1 synchronizes after every cuSPARSELt call.
 #include <dlfcn.h>
 #include <tvm/ffi/container/tensor.h>
@@ -118,8 +119,10 @@ bool EnvFlag(const char* name, bool otherwise) {
 // $FXOPT_CUSPARSELT_SYNC=1: synchronize after every cuSPARSELt call and report a CUDA error there (debugging: an
 // asynchronous fault is then blamed on the call that caused it, not on a later one).
 const bool kDebugSync = EnvFlag("FXOPT_CUSPARSELT_SYNC", false);
-// $FXOPT_CUSPARSELT_SEARCH=0: no algorithm search; every shape runs cuSPARSELt's default algorithm.
-const bool kSearch = EnvFlag("FXOPT_CUSPARSELT_SEARCH", true);
+// $FXOPT_CUSPARSELT_SEARCH=1: plan each shape with cusparseLtMatmulSearch. Off by default: with cuSPARSELt 0.8.0
+// (PyTorch 2.11's) on the H100 the search ends in "an illegal instruction was encountered", which loses the CUDA
+// context (benchmarks/results/gpu_sparse24.md; torch's own _cslt_sparse_mm_search fails the same way).
+const bool kSearch = EnvFlag("FXOPT_CUSPARSELT_SEARCH", false);
 
 void CheckCuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
@@ -378,7 +381,10 @@ Gemm Describe(const TensorView& x, const TensorView& wc, const TensorView* bias,
   TVM_FFI_CHECK(DataType(out, "out") == g.dtype, TypeError) << "fxopt.cusparselt: x and out must share a dtype";
   TVM_FFI_CHECK(g.k % 16 == 0 && g.n % 16 == 0, ValueError)
       << "fxopt.cusparselt: needs N and K multiples of 16, got N=" << g.n << ", K=" << g.k;
-  TVM_FFI_CHECK(g.m > 0, ValueError) << "fxopt.cusparselt: x has no rows";
+  // cuSPARSELt's dense operands need rows, columns and leading dimension multiples of 16 bytes: 8 16-bit values
+  TVM_FFI_CHECK(g.m > 0 && g.m % 8 == 0, ValueError)
+      << "fxopt.cusparselt: needs the rows of x (M, the leading dimensions together) a multiple of 8, got M=" << g.m
+      << " (cuSPARSELt refuses the descriptor otherwise); pad the tokens";
   DLDataType ct = wc.dtype();
   TVM_FFI_CHECK(ct.code == kDLUInt && ct.bits == 8 && ct.lanes == 1, TypeError)
       << "fxopt.cusparselt: the compressed weight must be uint8 (fxopt.cusparselt.compress's output)";
@@ -469,9 +475,14 @@ void Search(DeviceState& dev, Plan& p, const Gemm& g, cudaStream_t stream) {
     Check(api.MatmulGetWorkspace(&dev.handle, &p.plan, &p.workspace), "cusparseLtMatmulGetWorkspace");
     EnsureWorkspace(dev, p.workspace);
   } else {
-    cudaError_t sticky = cudaGetLastError();
-    line << "search failed (" << StatusName(status) << ", CUDA: " << cudaGetErrorString(sticky)
-         << "): the default algorithm";
+    cudaError_t cuda = cudaDeviceSynchronize();
+    if (cuda != cudaSuccess) {  // a kernel fault: the context is lost, nothing more can run in this process
+      search_log += line.str() + "search failed: " + StatusName(status) + ", CUDA: " + cudaGetErrorString(cuda) + "\n";
+      TVM_FFI_THROW(RuntimeError) << "fxopt.cusparselt: cusparseLtMatmulSearch failed (" << StatusName(status)
+                                  << ") and left a CUDA error: " << cudaGetErrorString(cuda)
+                                  << "; unset FXOPT_CUSPARSELT_SEARCH to run cuSPARSELt's default algorithm";
+    }
+    line << "search failed (" << StatusName(status) << "): the default algorithm";
     Describe(dev, p, g);  // a fresh plan: the failed search may have left it half-set
     InitPlan(dev, p);
   }
@@ -501,7 +512,7 @@ void Run(const Gemm& g, int device_id) {
       InitPlan(dev, *plan);
       dev.choices[g.Key()] = Choice();
       search_log += "M=" + std::to_string(g.m) + " N=" + std::to_string(g.n) + " K=" + std::to_string(g.k) +
-                    (g.bias ? " bias" : "") + ": the default algorithm (FXOPT_CUSPARSELT_SEARCH=0)\n";
+                    (g.bias ? " bias" : "") + ": the default algorithm (no search: FXOPT_CUSPARSELT_SEARCH unset)\n";
     } else if (choice == dev.choices.end()) {
       Search(dev, *plan, g, stream);
     } else {
