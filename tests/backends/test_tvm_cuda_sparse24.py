@@ -217,7 +217,7 @@ def test_sparse_linear_matches_torch(sparse, dtype, lead, k, n, with_bias):
 
 
 @pytest.mark.gpu
-def test_a_second_bias_reuses_the_searched_plan(sparse):
+def test_a_second_bias_pointer_gets_a_plan_of_its_own(sparse):
     w, gen = weight_and_reference(128, 256, torch.float16, 7)
     w = sparse.prune(w)
     packed, x = sparse.compress(w), torch.randn(64, 256, generator=gen, device="cuda").half()
