@@ -15,7 +15,10 @@ that this module compiles from the sources beside it:
 - ``attention.cu``: ``fxopt.attention[_bias]``, softmax(Q Kᵀ·scale + bias) V
   in one tensor-core kernel;
 - ``norm_act.cu``: ``fxopt.layer_norm``, ``fxopt.add_layer_norm[_sum]`` (residual add + LayerNorm in
-  one pass, fp32 statistics, optionally writing the sum for pre-LN models) and ``fxopt.gelu[_tanh]``.
+  one pass, fp32 statistics, optionally writing the sum for pre-LN models) and ``fxopt.gelu[_tanh]``;
+- ``cusparselt_gemm.cc``: ``fxopt.cusparselt.*``, the 2:4 sparse GEMM of cuSPARSELt, which it opens at run
+  time (dlopen, :mod:`fxopt.backends.tvm_cuda.cusparselt`): no link-time dependency, so the extension builds
+  and loads where cuSPARSELt is absent, and only its 2:4 calls fail there.
 
 :func:`extension_path` compiles them with nvcc once, cached by a hash of the
 sources; the exported library lists the extension in its manifest, and
@@ -40,9 +43,10 @@ from fxopt.errors import ArtifactError, LoweringError
 
 HERE = os.path.dirname(__file__)
 SOURCES = [os.path.join(HERE, name) for name in ("cublaslt_gemm.cc", "attention.cu", "norm_act.cu", "quantize_rows.cu",
-                                                  "int8_dequantize.cu", "int4_gemm.cu")]
+                                                  "int8_dequantize.cu", "int4_gemm.cu", "cusparselt_gemm.cc")]
 #: Headers the sources include: part of the cache key, not compiled on their own
-HEADERS = [os.path.join(HERE, name) for name in ("attention_kernel.cuh", "quantize_codes.cuh", "tensor_view.h")]
+HEADERS = [os.path.join(HERE, name) for name in ("attention_kernel.cuh", "quantize_codes.cuh", "tensor_view.h",
+                                                  "cusparselt_api.h")]
 EXTENSION_NAME = "libfxopt_cuda_ext.so"
 CUBLASLT_SONAME = "libcublasLt.so.13"
 #: SASS for Ampere and Hopper, plus PTX that newer GPUs compile at load time
@@ -99,7 +103,7 @@ def _compile(path: str, include: List[str], libs: List[str]) -> None:
     os.close(fd)
     command = ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", *GENCODE, *SOURCES, "-o", tmp,
                *[f"-I{d}" for d in include], *[f"-L{d}" for d in libs],
-               f"-l:{CUBLASLT_SONAME}", "-lcudart", "-ltvm_ffi"]
+               f"-l:{CUBLASLT_SONAME}", "-lcudart", "-ltvm_ffi", "-ldl"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)

@@ -4,7 +4,7 @@ Each is called with ``R.call_dps_packed(name, [inputs..., scalars...], out_ty)``
 the outputs come last, allocated by TVM (destination-passing style). The
 kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
 (``cublaslt_gemm.cc``, ``attention.cu``, ``norm_act.cu``, ``quantize_rows.cu``, ``int8_dequantize.cu``,
-``int4_gemm.cu``)::
+``int4_gemm.cu``, ``cusparselt_gemm.cc``)::
 
     fxopt.cublaslt.matmul(a, b, out)                      a [.., K] @ b [K, N] or batched [B, M, K] @ [B, K, N]
     fxopt.cublaslt.matmul_bias(a, b, bias[N], out)        + bias in the fp32 epilogue
@@ -18,6 +18,8 @@ kernels and their checks are in :mod:`fxopt.backends.tvm_cuda.extension`
     fxopt.cublaslt.matmul_int8(xq, wq, out)               xq [.., K] @ wq[N, K]^T, int8 -> int32 out
     fxopt.int8.dequantize[_bias](acc, xs, ws, [bias,] out)   acc * xs[m] * ws[n] (+ bias[n]) -> fp16
     fxopt.int4.linear[_zp](x, packed, scales, [zeros,] out)  x [1..64 rows, K] @ int4 weight^T (MMA layout), fp16
+    fxopt.cusparselt.matmul[_bias](x, wc, [bias,] out)     x [.., K] @ W^T, W [N, K] 2:4 sparse, compressed (uint8) by
+                                                          fxopt.cusparselt.compress; cuSPARSELt, opened at run time
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ INT8_DEQUANTIZE = "fxopt.int8.dequantize"
 INT8_DEQUANTIZE_BIAS = "fxopt.int8.dequantize_bias"
 INT4_LINEAR = "fxopt.int4.linear"
 INT4_LINEAR_ZP = "fxopt.int4.linear_zp"
+SPARSE24_GEMM = "fxopt.cusparselt.matmul"
+SPARSE24_GEMM_BIAS = "fxopt.cusparselt.matmul_bias"
 ATTENTION = "fxopt.attention"
 ATTENTION_BIAS = "fxopt.attention_bias"
 LAYER_NORM = "fxopt.layer_norm"
