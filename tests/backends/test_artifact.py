@@ -129,7 +129,9 @@ def test_dynamic_batch_round_trips_and_runs_other_sizes(tmp_path):
     x = torch.randn(3, 8)
     graph = fxopt.capture(TinyMLP().eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     loaded, manifest = assert_round_trip(graph, (x,), tmp_path)
-    assert manifest["input_specs"] == [{"name": "x", "shape": [None, 8], "dtype": "float32"}]
+    assert manifest["input_specs"] == [{"name": "x", "shape": [None, 8], "dtype": "float32",
+                                        "ranges": [["batch", 0, None], None]}]
+    assert loaded.input_specs == graph.input_specs  # the range (unbounded above) survives the round trip
     bigger = torch.randn(7, 8)
     assert torch.equal(loaded.run(bigger), graph.run(bigger))
 
