@@ -78,7 +78,8 @@ def test_precision_is_an_option_of_the_target():
 
 def test_the_fp8_artifact_records_its_precision_and_loads(tmp_path):
     model = Qkv().eval()
-    optimized = fxopt.optimize(model, (torch.randn(4, 32),), target="cuda", precision="fp8", progress=False)
+    optimized = fxopt.optimize(model, (torch.randn(4, 32),), target="cuda", precision="fp8", progress=False,
+                               options={"keep_float": 0})  # every linear: no calibration data needed
     assert optimized.report()["lowering"]["precision"] == "fp8"
     assert optimized.pipeline.endswith(",quantize-fp8")
     directory = optimized.save(tmp_path / "fp8")
@@ -115,7 +116,7 @@ def test_the_int8_artifact_is_smoothed_on_the_calibration_data_records_its_preci
     model, x = Qkv().eval(), torch.randn(4, 32)
     batches = [(torch.randn(4, 32) * torch.logspace(-1, 1, 32),) for _ in range(3)]  # columns of unequal range
     optimized = fxopt.optimize(model, (x,), target="cuda", precision="int8", calibration_data=batches,
-                               progress=False)
+                               options={"keep_float": 0}, progress=False)
     assert optimized.pipeline.endswith(",smooth-quant{alpha=0.5},quantize-int8")
     stats = optimized.report()["quantize"]
     # smooth-quant is exact (power-of-two factors), so it smooths every linear, the head too, which stays float
@@ -140,8 +141,12 @@ def test_the_int8_artifact_is_smoothed_on_the_calibration_data_records_its_preci
 def test_int8_without_calibration_data_calibrates_on_the_example_inputs_and_warns():
     with pytest.warns(UserWarning, match=r"target='cuda'\): no calibration_data; calibrating on the example inputs"):
         optimized = fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int8",
-                                   progress=False)
+                                   options={"keep_float": 0}, progress=False)
     assert optimized.report()["quantize"]["1:quantize-int8"]["linears"] == 5
+
+
+#: int4 as the target built it before its defaults became GPTQ, groups of 32 with zero points and keep_float="auto"
+INT4_RTN_G128 = {"int4_group": 128, "int4_zero_point": False, "int4_rounding": "rtn", "keep_float": 0}
 
 
 class Mlp(torch.nn.Module):
@@ -158,9 +163,10 @@ class Mlp(torch.nn.Module):
 @pytest.mark.parametrize("rows, kernel_calls, gemms", [(4, 2, 1), (96, 0, 3)])
 def test_int4_weight_uses_the_kernel_for_few_rows_and_a_gemm_for_more(rows, kernel_calls, gemms):
     x = torch.randn(rows, 256)
-    optimized = fxopt.optimize(Mlp().eval(), (x,), target="cuda", precision="int4-weight", progress=False)
-    assert optimized.pipeline.endswith("insert-qdq{scheme=weight-only,bits=4,group-size=128,skip=linear_2},"
-                                       "int4-linear")
+    optimized = fxopt.optimize(Mlp().eval(), (x,), target="cuda", precision="int4-weight", progress=False,
+                               options=INT4_RTN_G128)
+    assert optimized.pipeline.endswith("insert-qdq{scheme=weight-only,bits=4,group-size=128,method=rtn,"
+                                       "skip=linear_2},int4-linear")
     assert optimized.report()["lowering"]["precision"] == "int4-weight"
     graph = fxopt.Pipeline(optimized.pipeline)(fxopt.capture(Mlp().eval(), (x,))).graph
     assert sum(1 for _ in graph.call_nodes(torch.ops.fxopt.linear_int4.default)) == 2
@@ -187,7 +193,7 @@ def test_int4_linear_is_the_same_math_as_dequantize_then_linear():
 
 def test_the_int4_artifact_records_its_precision_and_loads(tmp_path):
     optimized = fxopt.optimize(Mlp().eval(), (torch.randn(2, 256),), target="cuda", precision="int4-weight",
-                               progress=False)
+                               progress=False, options=INT4_RTN_G128)
     directory = optimized.save(tmp_path / "int4")
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["extra"]["report"]["lowering"]["precision"] == "int4-weight"
