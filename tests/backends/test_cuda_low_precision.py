@@ -201,3 +201,39 @@ def test_the_int4_artifact_records_its_precision_and_loads(tmp_path):
     assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_int4.default)) == 2
     packed = [t for name, t in loaded.graph.params().items() if name.endswith("weight_int4")]
     assert len(packed) == 2 and all(t.dtype == torch.uint8 for t in packed)  # int4 codes, two a byte, on disk
+
+
+def test_keep_float_builds_fp16_gemms_beside_fp8_ones_and_records_the_choice(tmp_path):
+    """Mixed precision adds no new op: the kept linears are plain linears, cuBLASLt's fp16 GEMMs."""
+    torch.manual_seed(0)
+    model, x = Qkv().eval(), torch.randn(4, 8, 32)
+    batches = [(torch.randn(4, 8, 32),) for _ in range(2)]
+    optimized = fxopt.optimize(model, (x,), target="cuda", precision="fp8", calibration_data=batches,
+                               options={"keep_float": 2}, progress=False)
+    plan = optimized.report()["keep_float"]
+    assert plan["kept"] == 2 and plan["of"] == 5 and len(plan["sensitivity"]) == 5
+    assert optimized.pipeline.endswith(f",quantize-fp8{{skip={';'.join(plan['keep_float'])}}}")
+    main, _ = relax_calls(optimized.graph)
+    assert main.count("fxopt.cublaslt.matmul_fp8_bias") == 3
+    assert main.count("fxopt.cublaslt.matmul(") + main.count("fxopt.cublaslt.matmul_bias") == 3  # 2 kept, the head
+    directory = optimized.save(tmp_path / "fp8-mixed")
+    report = json.loads((directory / "manifest.json").read_text())["extra"]["report"]
+    assert report["lowering"]["keep_float"] == 2 and report["keep_float"]["keep_float"] == plan["keep_float"]
+    loaded = fxopt.load(directory)
+    assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_fp8.default)) == 3
+
+
+def test_the_default_int4_recipe_builds_zero_point_kernels_and_records_its_options(tmp_path):
+    """GPTQ on the calibration data, groups of 32 with a zero point each: fxopt.int4.linear_zp for few rows."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 256)
+    optimized = fxopt.optimize(Mlp().eval(), (x,), target="cuda", precision="int4-weight",
+                               calibration_data=[(torch.randn(4, 256),) for _ in range(3)], progress=False)
+    assert "group-size=32,symmetric=false,method=gptq" in optimized.pipeline
+    lowering = optimized.report()["lowering"]
+    assert (lowering["int4_group"], lowering["int4_zero_point"], lowering["int4_rounding"]) == (32, True, "gptq")
+    assert lowering["keep_float"] == "auto" and "fidelity_target" in optimized.report()["keep_float"]
+    main, _ = relax_calls(optimized.graph)
+    int4 = sum(1 for _ in optimized.graph.call_nodes(torch.ops.fxopt.linear_int4.default))
+    assert int4 == 2 - optimized.report()["keep_float"]["kept"]  # linear_2 (48 columns) is never int4
+    assert main.count("fxopt.int4.linear_zp") == int4
