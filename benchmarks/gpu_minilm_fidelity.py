@@ -164,6 +164,10 @@ def build(out_dir: str, precisions: list, sentences: int, batch: int, seq: int, 
             "real_tokens": real_tokens, **{k: data[k] for k in ("vocabulary_kept", "reduced_vocabulary_bitwise_equal",
                                                                "weights_rounded_to_fp16_fp32_eager")},
             "artifacts": {}}
+    previous = os.path.join(out_dir, "build.json")
+    if os.path.exists(previous):  # artifacts built into DIR by an earlier --build (other --precisions) stay
+        with open(previous) as f:
+            meta["artifacts"] = {k: v for k, v in json.load(f)["artifacts"].items() if k not in precisions}
     for name in precisions:
         started = time.perf_counter()
         kwargs = optimize_kwargs(name, reduced, calibration[0], calibration)
