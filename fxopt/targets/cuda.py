@@ -62,8 +62,8 @@ class CudaTarget(Target):
     def __init__(self, **options):
         super().__init__(**options)
         precision = self.settings["precision"]
-        for key in options:
-            if precision not in QUANTIZE_OPTIONS.get(key, (precision,)):
+        for key, value in options.items():  # a default value is no request (the search passes all settings)
+            if precision not in QUANTIZE_OPTIONS.get(key, (precision,)) and value != self.options[key][0]:
                 raise InputError(f"target 'cuda': option {key}= applies to precision "
                                  f"{' or '.join(map(repr, QUANTIZE_OPTIONS[key]))}, not {precision!r}; drop it "
                                  f"or choose one of those precisions")

@@ -72,6 +72,7 @@ def test_defaults_and_what_reads_calibration_data():
     assert CudaTarget(precision="int8", keep_float=0).calibrates  # smooth-quant reads activation ranges
     assert not CudaTarget(precision="int4-weight", keep_float=0, int4_rounding="rtn").calibrates
     assert not CudaTarget().calibrates  # fp16
+    assert CudaTarget(**dict(defaults, precision="fp16")).settings["precision"] == "fp16"  # defaults are no request
     # the quantization options never reach the TVM build
     assert set(CudaTarget(precision="int8").build_options()) == {"matmul", "dtype"}
 
