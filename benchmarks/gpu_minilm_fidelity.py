@@ -62,12 +62,24 @@ import fxopt  # noqa: E402
 from benchmarks.common import cuda_median_ms, git_rev  # noqa: E402
 from fxopt.demo.embeddings import embedding_agreement, last_hidden_state, sentence_embeddings  # noqa: E402
 
-#: precision -> (the cuda target's precision=, passes= or None for the target's preset, reads calibration data)
-KNOWN = {"fp16": ("fp16", None, False), "fp8": ("fp8", None, False), "int4-weight": ("int4-weight", None, False),
-         "fp8-ffn-float": ("fp16", "ffn-skip", False), "int8": ("int8", None, True)}
-DEFAULT = "fp16,fp8,fp8-ffn-float,int4-weight,int8"
+#: variant -> (the cuda target's precision=, its other options, passes= or None for the target's preset). The
+#: plain precision names are the target's defaults (keep_float="auto": the most sensitive linears in float16, chosen
+#: on the calibration half); "-all" quantizes every linear, as the target did before keep_float.
+KNOWN = {"fp16": ("fp16", {}, None), "fp8": ("fp8", {}, None), "int8": ("int8", {}, None),
+         "int4-weight": ("int4-weight", {}, None),
+         "fp8-all": ("fp8", {"keep_float": 0}, None), "int8-all": ("int8", {"keep_float": 0}, None),
+         "int4-weight-all": ("int4-weight", {"keep_float": 0}, None),
+         "int4-weight-rtn-g128": ("int4-weight", {"keep_float": 0, "int4_group": 128, "int4_zero_point": False,
+                                                  "int4_rounding": "rtn"}, None),
+         "fp8-ffn-float": ("fp16", {}, "ffn-skip")}
+DEFAULT = "fp16,fp8,int8,int4-weight"
 #: issue 22's bars against fp32 eager: precision -> (mean cosine, nearest-neighbour agreement)
-BARS = {"fp8": (0.999, 0.97), "fp8-ffn-float": (0.999, 0.97), "int8": (0.998, 0.96), "int4-weight": (0.995, 0.95)}
+BARS = {"fp8": (0.999, 0.97), "int8": (0.998, 0.96), "int4-weight": (0.995, 0.95)}
+
+
+def bar_of(name: str):
+    """The bar of a variant: its precision's (fp8-ffn-float is fp8 built through passes=)."""
+    return BARS.get("fp8" if name == "fp8-ffn-float" else KNOWN.get(name, (name,))[0])
 
 
 # ===================================================================== build (CPU machine)
@@ -94,32 +106,31 @@ def ffn_linear_names(model, example) -> list:
 
 
 def optimize_kwargs(name: str, model, example, calibration) -> dict:
-    precision, passes, reads_data = KNOWN.get(name, (name, None, True))
-    kwargs = {"target": "cuda", "precision": precision, "progress": False}
+    precision, options, passes = KNOWN.get(name, (name, {}, None))
+    kwargs = {"target": "cuda", "precision": precision, "progress": False, "options": dict(options)}
     if passes == "ffn-skip":
         kwargs["passes"] = f"cleanup,fuse-attention,quantize-fp8{{skip={';'.join(ffn_linear_names(model, example))}}}"
-    if reads_data:
+    if precision != "fp16":
         kwargs["calibration_data"] = calibration
     return kwargs
 
 
-def build(out_dir: str, precisions: list, sentences: int, batch: int, seq: int, cpu_eager: bool) -> dict:
-    from safetensors.torch import save_file
-
+def prepare(sentences: int, batch: int, seq: int) -> dict:
+    """The model, the reduced and fp16-rounded model that is built, the calibration and held-out batches (ids
+    renumbered for the reduced model) and the fp32 references of both halves (the original model)."""
     from fxopt.demo.data import minilm, real_sentences
     from fxopt.demo.embeddings import sentence_batches
 
-    os.makedirs(out_dir, exist_ok=True)
     model, tokenizer = minilm()
     texts = real_sentences(2 * sentences)
     calibration = sentence_batches(tokenizer, texts[:sentences], batch, seq)
     evaluation = sentence_batches(tokenizer, texts[sentences:], batch, seq)
     reduced, remap, vocab = reduced_vocabulary(model, calibration + evaluation)
-    calibration = [(remap(ids), mask) for ids, mask in calibration]
+    full_cal, calibration = calibration, [(remap(ids), mask) for ids, mask in calibration]
     full_eval, evaluation = evaluation, [(remap(ids), mask) for ids, mask in evaluation]
-
     with torch.no_grad():
         reference = sentence_embeddings(lambda i, m: model(input_ids=i, attention_mask=m), full_eval)
+        calibration_reference = sentence_embeddings(lambda i, m: model(input_ids=i, attention_mask=m), full_cal)
         same = all(torch.equal(model(input_ids=i, attention_mask=m).last_hidden_state,
                                reduced(input_ids=j, attention_mask=m).last_hidden_state)
                    for (i, m), (j, _) in zip(full_eval, evaluation))
@@ -129,6 +140,19 @@ def build(out_dir: str, precisions: list, sentences: int, batch: int, seq: int, 
             param.copy_(param.half().float())
         rounded = embedding_agreement(reference, sentence_embeddings(
             lambda i, m: reduced(input_ids=i, attention_mask=m), evaluation))
+    return {"reduced": reduced, "calibration": calibration, "evaluation": evaluation, "reference": reference,
+            "calibration_reference": calibration_reference, "vocabulary_kept": vocab,
+            "reduced_vocabulary_bitwise_equal": same,
+            "weights_rounded_to_fp16_fp32_eager": {"cosine": rounded[0], "nn_agreement": rounded[1]}}
+
+
+def build(out_dir: str, precisions: list, sentences: int, batch: int, seq: int, cpu_eager: bool) -> dict:
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    data = prepare(sentences, batch, seq)
+    reduced, calibration, evaluation, reference = (data[k] for k in ("reduced", "calibration", "evaluation",
+                                                                      "reference"))
     tensors = {"reference": reference.contiguous()}
     for b, (ids, mask) in enumerate(evaluation):
         tensors[f"ids_{b}"], tensors[f"mask_{b}"] = ids.contiguous(), mask.contiguous()
@@ -137,15 +161,19 @@ def build(out_dir: str, precisions: list, sentences: int, batch: int, seq: int, 
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
             "torch": torch.__version__, "git": git_rev(), "command": " ".join(sys.argv),
             "sentences": len(reference), "batch": batch, "seq": seq, "batches": len(evaluation),
-            "real_tokens": real_tokens, "vocabulary_kept": vocab, "reduced_vocabulary_bitwise_equal": same,
-            "weights_rounded_to_fp16_fp32_eager": {"cosine": rounded[0], "nn_agreement": rounded[1]},
+            "real_tokens": real_tokens, **{k: data[k] for k in ("vocabulary_kept", "reduced_vocabulary_bitwise_equal",
+                                                               "weights_rounded_to_fp16_fp32_eager")},
             "artifacts": {}}
+    previous = os.path.join(out_dir, "build.json")
+    if os.path.exists(previous):  # artifacts built into DIR by an earlier --build (other --precisions) stay
+        with open(previous) as f:
+            meta["artifacts"] = {k: v for k, v in json.load(f)["artifacts"].items() if k not in precisions}
     for name in precisions:
         started = time.perf_counter()
         kwargs = optimize_kwargs(name, reduced, calibration[0], calibration)
         try:
             optimized = fxopt.optimize(reduced, calibration[0], **kwargs)
-        except Exception as exc:  # a precision the target does not offer yet (int8 while it is being built)
+        except Exception as exc:  # a precision the target does not offer
             meta["artifacts"][name] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
             print(json.dumps({"precision": name, **meta["artifacts"][name]}), flush=True)
             continue
@@ -154,10 +182,10 @@ def build(out_dir: str, precisions: list, sentences: int, batch: int, seq: int, 
         report = optimized.report()
         entry = {"optimize": {k: v for k, v in kwargs.items() if k != "calibration_data"},
                  "pipeline": report.get("pipeline"), "build_s": round(time.perf_counter() - started, 1),
-                 "bytes": dir_bytes(path), "quantize": quantize_stats(report)}
-        if cpu_eager:
-            entry["cpu_eager_same_pipeline"] = eager_agreement(reduced, calibration, evaluation, reference,
-                                                               report.get("pipeline"))
+                 "bytes": dir_bytes(path), "quantize": quantize_stats(report),
+                 "keep_float": {k: v for k, v in (report.get("keep_float") or {}).items() if k != "sensitivity"}}
+        if cpu_eager:  # the built graph itself, run by fxopt's eager kernels
+            entry["cpu_eager_same_pipeline"] = agreement(optimized.graph, evaluation, reference)
         meta["artifacts"][name] = entry
         print(json.dumps({"precision": name, **entry}), flush=True)
         with open(os.path.join(out_dir, "build.json"), "w") as f:
@@ -166,6 +194,82 @@ def build(out_dir: str, precisions: list, sentences: int, batch: int, seq: int, 
         json.dump(meta, f, indent=1)
     repack(out_dir)
     return meta
+
+
+def agreement(graph, batches, reference) -> dict:
+    cosine, nn = embedding_agreement(reference, sentence_embeddings(graph, batches))
+    return {"cosine": round(cosine, 6), "nn_agreement": round(nn, 4)}
+
+
+# ===================================================================== CPU eager only (no TVM build)
+def target_build(model, calibration, name: str):
+    """What ``optimize(model, calibration[0], target="cuda", precision=..., calibration_data=calibration)`` builds
+    for variant ``name`` before lowering: the cuda target's own build step, without TVM."""
+    from fxopt.targets.base import BuildContext
+    from fxopt.targets.cuda import CudaTarget
+    from fxopt.passes.infra.batches import Batches
+
+    precision, options, _ = KNOWN[name]
+    target = CudaTarget(precision=precision, **options)
+    preset = target.preset(None)
+    original = fxopt.capture(model, calibration[0])
+    fused = fxopt.Pipeline(preset.passes)(original).graph
+    context = BuildContext(original, fused, preset.passes, tuple(calibration[0]), Batches(calibration), preset,
+                           progress=False)
+    return target, target.build(context)
+
+
+def eager(out: str, precisions: list, sentences: int, batch: int, seq: int, ks=None) -> dict:
+    """Each variant through the cuda target's build (no lowering) and fxopt's eager kernels: held-out cosine / NN,
+    and the same on the calibration half. With ``ks``, also the keep_float sweep along the measured ranking: the
+    held-out and calibration-half agreement and the fidelity "auto" reads, at each number of float16 linears."""
+    from fxopt.targets.cuda_quantize import FidelityMeter, quantize
+    from fxopt.search import mean_sample_cosine
+    from fxopt.passes.quantize.mixed_precision import run_outputs
+
+    data = prepare(sentences, batch, seq)
+    model, calibration, evaluation = data["reduced"], data["calibration"], data["evaluation"]
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
+              "torch": torch.__version__, "git": git_rev(), "command": " ".join(sys.argv), "rows": {}}
+    for name in precisions:
+        started = time.perf_counter()
+        target, built = target_build(model, calibration, name)
+        row = {"held_out": agreement(built.graph, evaluation, data["reference"]),
+               "calibration_half": agreement(built.graph, calibration, data["calibration_reference"]),
+               "pipeline": built.pipeline, "bar": bar_of(name), "seconds": round(time.perf_counter() - started)}
+        plan = built.stats.get("keep_float")
+        if plan:
+            row["keep_float"] = {k: v for k, v in plan.items() if k != "sensitivity"}
+            row["ranking"] = [r["linear"] for r in plan["sensitivity"]]
+        result["rows"][name] = row
+        print(json.dumps({"variant": name, **{k: v for k, v in row.items() if k != "ranking"}}), flush=True)
+        if ks and plan:
+            fused = fxopt.Pipeline(target.preset(None).passes)(fxopt.capture(model, calibration[0])).graph
+            if target.settings["precision"] == "int8":
+                from fxopt.passes.quantize.calibrate import calibrate
+                fused = calibrate(fused, calibration, progress=False)
+            meter = FidelityMeter(fused, target.settings["precision"], target.settings, calibration)
+            row["sweep"] = []
+            for k in ks:
+                if k > len(row["ranking"]):
+                    continue
+                graph = quantize(fused, target.settings["precision"], target.settings, row["ranking"][:k],
+                                 calibration)[0]
+                fidelity = mean_sample_cosine(meter.reference, meter._masked(run_outputs(graph, meter.batches)))
+                step = {"keep": k, "fidelity": round(fidelity, 6),
+                        "held_out": agreement(graph, evaluation, data["reference"]),
+                        "calibration_half": agreement(graph, calibration, data["calibration_reference"])}
+                row["sweep"].append(step)
+                print(json.dumps({"variant": name, **step}), flush=True)
+        if out:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+    return result
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
 
 
 def quantize_stats(report: dict):
@@ -184,23 +288,6 @@ def quantize_stats(report: dict):
 
     walk(report)
     return found or None
-
-
-def eager_agreement(model, calibration, evaluation, reference, pipeline) -> dict:
-    """The same pipeline in fxopt's eager (CPU, fp32) kernels: what the GPU should approach. Passes that read
-    activation statistics (smooth-quant) get them from the calibration batches, as the cuda target does."""
-    from fxopt.passes.quantize.calibrate import calibrate
-    try:
-        graph = fxopt.capture(model, calibration[0])
-        split = pipeline.find("smooth-quant")
-        if split > 0:
-            graph = fxopt.Pipeline(pipeline[:split].rstrip(","))(graph).graph
-            graph, pipeline = calibrate(graph, calibration), pipeline[split:]
-        graph = fxopt.Pipeline(pipeline)(graph).graph
-        cosine, nn = embedding_agreement(reference, sentence_embeddings(graph, evaluation))
-        return {"cosine": round(cosine, 6), "nn_agreement": round(nn, 4)}
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def dir_bytes(path: str) -> int:
@@ -340,7 +427,7 @@ def run(directory: str, precisions: list, out: str, device: str) -> dict:
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(device),
               "torch": torch.__version__, "build": meta, "rows": []}
     for name in precisions:
-        row = {"precision": name, "bar": BARS.get(name)}
+        row = {"precision": name, "bar": bar_of(name)}
         if not os.path.isdir(os.path.join(directory, name)):  # not built (an error in build.json) or not packed
             built = meta["artifacts"].get(name)
             row["error"] = built["error"] if built and "error" in built else "built but not packed" if built \
@@ -399,6 +486,8 @@ if __name__ == "__main__":
     step = parser.add_mutually_exclusive_group(required=True)
     step.add_argument("--build", metavar="DIR", help="CPU machine: build the artifacts and the reference into DIR")
     step.add_argument("--run", metavar="DIR", help="GPU machine: load DIR's artifacts, compare with fp32")
+    step.add_argument("--eager", metavar="JSON", help="CPU machine: no TVM build; each variant through the cuda "
+                      "target's build and fxopt's eager kernels, written to JSON (with --sweep, keep_float sweeps)")
     step.add_argument("--repack", metavar="DIR", help="CPU machine: make DIR/pack again from DIR/full (of the "
                       "--precisions given; the 64 MiB that travel may not hold them all)")
     parser.add_argument("--precisions", default=DEFAULT, help=f"comma-separated; known: {', '.join(KNOWN)}")
@@ -407,11 +496,15 @@ if __name__ == "__main__":
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--no-cpu-eager", action="store_true", help="build: skip the eager-kernel cross-check")
     parser.add_argument("--out", help="run: the JSON file to write")
+    parser.add_argument("--sweep", help="eager: comma-separated numbers of float16 linears to measure, e.g. 0,4,8")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     chosen = [p for p in args.precisions.split(",") if p]
     if args.build:
         build(args.build, chosen, args.sentences, args.batch, args.seq, not args.no_cpu_eager)
+    elif args.eager:
+        eager(args.eager, chosen, args.sentences, args.batch, args.seq,
+              [int(k) for k in args.sweep.split(",")] if args.sweep else None)
     elif args.repack:
         repack(args.repack, chosen if args.precisions != DEFAULT else None)
     else:

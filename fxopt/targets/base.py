@@ -23,6 +23,25 @@ from fxopt.ir import Graph
 
 
 @dataclass(frozen=True)
+class OpenValues:
+    """An option's values when they are not a short list: the ``named`` ones (the first is the default) and any
+    other value ``accepts`` takes, which ``describe`` names for error messages (``"an int >= 0"``)."""
+
+    named: Tuple[Any, ...]
+    accepts: Callable[[Any], bool]
+    describe: str
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self.named or (not isinstance(value, bool) and self.accepts(value))
+
+    def __getitem__(self, index: int) -> Any:
+        return self.named[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.named)
+
+
+@dataclass(frozen=True)
 class Preset:
     """What a preset means for one target: the pass pipeline, and settings its build step reads."""
 
@@ -83,9 +102,11 @@ class Target:
             if key not in cls.options:
                 valid = ", ".join(cls.options) or "none"
                 raise InputError(f"target {cls.name!r}: unknown option {key!r}; its options: {valid}")
-            if value not in cls.options[key]:
+            values = cls.options[key]
+            if value not in values:
+                more = f", or {values.describe}" if isinstance(values, OpenValues) else ""
                 raise InputError(f"target {cls.name!r}: option {key}={value!r} is not valid; use one of "
-                                 f"{', '.join(map(repr, cls.options[key]))}")
+                                 f"{', '.join(map(repr, values))}{more}")
         return {key: options.get(key, values[0]) for key, values in cls.options.items()}
 
     def preset(self, name: Optional[str]) -> Preset:

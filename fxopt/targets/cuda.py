@@ -10,39 +10,20 @@ from __future__ import annotations
 import time
 
 from fxopt.errors import DeviceError, InputError
-from fxopt.targets.base import Build, Preset, Target, say
+from fxopt.targets.base import Build, OpenValues, Preset, Target, say
 from fxopt.targets.candidates import candidate
+from fxopt.targets.cuda_quantize import check_count, check_fidelity, plan_keep_float, quantize
 from fxopt.targets.registry import register_target
 
-INT4_GROUP = 128
-#: smooth-quant's migration strength before int8 GEMMs with per-token activations. Real MiniLM, every linear
-#: int8, cosine / NN against fp32 on 128 held-out sentences (eager reference kernel, fp32): no smoothing
-#: 0.9975 / 0.930; alpha 0.3 0.9973 / 0.953, 0.5 0.9987 / 0.969, 0.65 0.9987 / 0.953, 0.8 0.9985 / 0.922
-#: (tests/passes/test_quantize_int8.py).
+#: smooth-quant's migration strength before int8 GEMMs with per-token activations (the ``smooth_alpha``
+#: option's default). Real MiniLM, every linear int8, cosine / NN against fp32 on 128 held-out sentences (eager
+#: reference kernel, fp32): no smoothing 0.9975 / 0.930; alpha 0.3 0.9973 / 0.953, 0.5 0.9987 / 0.969, 0.65
+#: 0.9987 / 0.953, 0.8 0.9985 / 0.922 (tests/passes/test_quantize_int8.py).
 INT8_SMOOTH_ALPHA = 0.5
-
-
-def int4_weight_spec(graph) -> str:
-    """insert-qdq's int4 weight-only scheme (linears whose input columns the group divides; the others stay
-    float16), then int4-linear."""
-    import torch
-
-    from fxopt.passes.quantize.calibrate import is_weight
-    odd = [n.name for n in graph.call_nodes(torch.ops.aten.linear.default)
-           if is_weight(n.args[1]) and graph.param(n.args[1]).shape[1] % INT4_GROUP]
-    skip = f",skip={';'.join(odd)}" if odd else ""
-    return f"insert-qdq{{scheme=weight-only,bits=4,group-size={INT4_GROUP}{skip}}},int4-linear"
-
-
-def int8_spec(graph) -> str:
-    """smooth-quant (on the graph :meth:`CudaTarget.build` calibrated), then int8 GEMMs."""
-    return f"smooth-quant{{alpha={INT8_SMOOTH_ALPHA}}},quantize-int8"
-
-
-#: precision -> the pipeline spec that quantizes the graph for it
-PRECISION_PASSES = {"fp8": lambda graph: "quantize-fp8", "int8": int8_spec, "int4-weight": int4_weight_spec}
-#: precisions whose passes read calibrated activation statistics (smooth-quant's per-channel ranges)
-CALIBRATED_PRECISIONS = ("int8",)
+#: The options that say how a precision quantizes, and the precisions each applies to.
+QUANTIZE_OPTIONS = {"keep_float": ("fp8", "int8", "int4-weight"), "fidelity": ("fp8", "int8", "int4-weight"),
+                    "smooth_alpha": ("int8",), "int4_group": ("int4-weight",),
+                    "int4_zero_point": ("int4-weight",), "int4_rounding": ("int4-weight",)}
 
 #: The fastest measured on the H100 (benchmarks/results/gpu_bert_norm_act.md); epilogue fusion is TVM's.
 CUDA_PRESETS = {"fast": Preset("cleanup,fuse-attention", "attention fused into fxopt's kernel, float16 compute")}
@@ -54,9 +35,23 @@ class CudaTarget(Target):
     presets = CUDA_PRESETS
     #: precision: "fp16" (GEMMs in float16, fp32 accumulation), "fp8" (linears as e4m3 GEMMs), "int8"
     #: (smooth-quant, then linears as int8 GEMMs with int32 sums) or "int4-weight" (linear weights int4 per group
-    #: of 128 input columns; few-row calls in fxopt's int4 kernel)
+    #: of input columns; few-row calls in fxopt's int4 kernel). How the last three quantize:
+    #: - keep_float: "auto" keeps the linears most sensitive to it (measured on the calibration data) in float16
+    #:   until the output fidelity reaches ``fidelity``; N (an int) keeps the N most sensitive; 0 quantizes all;
+    #: - fidelity: the padding-masked output cosine "auto" aims for (None: the precision's default,
+    #:   fxopt.targets.cuda_quantize.DEFAULT_FIDELITY);
+    #: - smooth_alpha (int8): smooth-quant's migration strength;
+    #: - int4_group, int4_zero_point, int4_rounding (int4-weight): input columns per scale, a zero point per group,
+    #:   GPTQ (on the calibration data) or round-to-nearest codes.
+    #: The defaults meet issue 22's fidelity bars on the real all-MiniLM-L6-v2
+    #: (benchmarks/results/minilm_cuda_fidelity.md).
     options = {"matmul": ("cublaslt", "default", "mma"), "dtype": ("float16", "float32"),
-               "precision": ("fp16", "fp8", "int8", "int4-weight")}
+               "precision": ("fp16", "fp8", "int8", "int4-weight"),
+               "keep_float": OpenValues(("auto",), check_count, "a number of linears (an int >= 0)"),
+               "fidelity": OpenValues((None,), check_fidelity, "an output cosine (a float in (0, 1])"),
+               "smooth_alpha": OpenValues((INT8_SMOOTH_ALPHA,), lambda a: isinstance(a, float) and 0 <= a <= 1,
+                                          "a float in [0, 1]"),
+               "int4_group": (32, 64, 128), "int4_zero_point": (True, False), "int4_rounding": ("gptq", "rtn")}
     #: the per-layer comparison would run the whole model on the CPU of a machine that may be only the builder
     reports_layer_error = False
     #: the search's speedups are against fp16 on the same GPU (what optimize builds without tolerance=)
@@ -64,11 +59,26 @@ class CudaTarget(Target):
     #: GPU calls take well under a millisecond: more rounds for a stable median
     search_rounds = 100
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        precision = self.settings["precision"]
+        for key, value in options.items():  # a default value is no request (the search passes all settings)
+            if precision not in QUANTIZE_OPTIONS.get(key, (precision,)) and value != self.options[key][0]:
+                raise InputError(f"target 'cuda': option {key}= applies to precision "
+                                 f"{' or '.join(map(repr, QUANTIZE_OPTIONS[key]))}, not {precision!r}; drop it "
+                                 f"or choose one of those precisions")
+        if options.get("fidelity") is not None and self.settings["keep_float"] != "auto":
+            raise InputError(f"target 'cuda': fidelity={options['fidelity']} is the target of keep_float='auto'; "
+                             f"with keep_float={self.settings['keep_float']} it would be ignored: drop one")
+
     @property
     def calibrates(self) -> bool:
-        """Whether the precision reads calibration data: int8's smooth-quant does. Without ``calibration_data``
-        it calibrates on the example inputs, and optimize warns (as for x86-int8)."""
-        return self.settings["precision"] in CALIBRATED_PRECISIONS
+        """Whether the precision reads calibration data: int8's smooth-quant, int4's GPTQ and the keep_float
+        search do. Without ``calibration_data`` it calibrates on the example inputs, and optimize warns."""
+        settings = self.settings
+        return settings["precision"] != "fp16" and (settings["keep_float"] != 0 or settings["precision"] == "int8"
+                                                    or settings["int4_rounding"] == "gptq"
+                                                    and settings["precision"] == "int4-weight")
 
     def check_dynamic_shapes(self) -> None:
         raise InputError("optimize(target='cuda'): dynamic_shapes= is not supported yet: the cuda build plans its "
@@ -106,7 +116,8 @@ class CudaTarget(Target):
         return tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs)
 
     def build(self, context):
-        """The pipeline's graph, its linears quantized as ``precision`` says (:data:`PRECISION_PASSES`)."""
+        """The pipeline's graph, its linears quantized as ``precision`` says, the ``keep_float`` ones in float16
+        (:mod:`fxopt.targets.cuda_quantize`)."""
         precision = self.settings["precision"]
         if precision == "fp16":
             return Build(context.fused, context.pipeline, self.name)
@@ -114,12 +125,16 @@ class CudaTarget(Target):
             raise InputError(f"optimize(target='cuda'): precision={precision!r} runs in fxopt's CUDA extension "
                              f"(cuBLASLt's fp8 and int8 GEMMs, the int4 kernel); drop "
                              f"matmul={self.settings['matmul']!r} (the default, 'cublaslt', is needed)")
-        from fxopt.passes.infra.pipeline import Pipeline
-        spec = PRECISION_PASSES[precision](context.fused)
-        say(context.progress, f"fxopt cuda: {precision}: {spec} ...")
-        graph = self._calibrated(context) if precision in CALIBRATED_PRECISIONS else context.fused
-        result = Pipeline(spec, calibration=context.calibration)(graph)  # for data-reading options
-        return Build(result.graph, f"{context.pipeline},{spec}", self.name, {"quantize": result.stats})
+        graph = self._calibrated(context) if precision == "int8" else context.fused
+        stats = {}
+        keep = ()
+        if self.settings["keep_float"] != 0:
+            say(context.progress, f"fxopt cuda: {precision}: measuring which linears to keep in float16 ...")
+            plan = plan_keep_float(graph, precision, self.settings, context.calibration, context.progress)
+            keep, stats["keep_float"] = plan.keep, plan.as_dict()
+        quantized, spec, stats["quantize"] = quantize(graph, precision, self.settings, keep, context.calibration)
+        say(context.progress, f"fxopt cuda: {precision}: {spec}")
+        return Build(quantized, f"{context.pipeline},{spec}", self.name, stats)
 
     @staticmethod
     def _calibrated(context):
@@ -145,8 +160,10 @@ class CudaTarget(Target):
         return runner
 
     def build_options(self):
-        """The settings the TVM build takes (precision is applied to the graph, by :meth:`build`)."""
-        return {key: value for key, value in self.settings.items() if key != "precision"}
+        """The settings the TVM build takes (precision and how it quantizes are applied to the graph, by
+        :meth:`build`)."""
+        return {key: value for key, value in self.settings.items()
+                if key != "precision" and key not in QUANTIZE_OPTIONS}
 
     def lowering_report(self, runner):
         from fxopt.backends.tvm_cuda import deploy

@@ -78,7 +78,8 @@ def test_precision_is_an_option_of_the_target():
 
 def test_the_fp8_artifact_records_its_precision_and_loads(tmp_path):
     model = Qkv().eval()
-    optimized = fxopt.optimize(model, (torch.randn(4, 32),), target="cuda", precision="fp8", progress=False)
+    optimized = fxopt.optimize(model, (torch.randn(4, 32),), target="cuda", precision="fp8", progress=False,
+                               options={"keep_float": 0})  # every linear: no calibration data needed
     assert optimized.report()["lowering"]["precision"] == "fp8"
     assert optimized.pipeline.endswith(",quantize-fp8")
     directory = optimized.save(tmp_path / "fp8")
@@ -115,7 +116,7 @@ def test_the_int8_artifact_is_smoothed_on_the_calibration_data_records_its_preci
     model, x = Qkv().eval(), torch.randn(4, 32)
     batches = [(torch.randn(4, 32) * torch.logspace(-1, 1, 32),) for _ in range(3)]  # columns of unequal range
     optimized = fxopt.optimize(model, (x,), target="cuda", precision="int8", calibration_data=batches,
-                               progress=False)
+                               options={"keep_float": 0}, progress=False)
     assert optimized.pipeline.endswith(",smooth-quant{alpha=0.5},quantize-int8")
     stats = optimized.report()["quantize"]
     # smooth-quant is exact (power-of-two factors), so it smooths every linear, the head too, which stays float
@@ -140,8 +141,12 @@ def test_the_int8_artifact_is_smoothed_on_the_calibration_data_records_its_preci
 def test_int8_without_calibration_data_calibrates_on_the_example_inputs_and_warns():
     with pytest.warns(UserWarning, match=r"target='cuda'\): no calibration_data; calibrating on the example inputs"):
         optimized = fxopt.optimize(Qkv().eval(), (torch.randn(4, 32),), target="cuda", precision="int8",
-                                   progress=False)
+                                   options={"keep_float": 0}, progress=False)
     assert optimized.report()["quantize"]["1:quantize-int8"]["linears"] == 5
+
+
+#: int4 as the target built it before its defaults became GPTQ, groups of 32 with zero points and keep_float="auto"
+INT4_RTN_G128 = {"int4_group": 128, "int4_zero_point": False, "int4_rounding": "rtn", "keep_float": 0}
 
 
 class Mlp(torch.nn.Module):
@@ -158,9 +163,10 @@ class Mlp(torch.nn.Module):
 @pytest.mark.parametrize("rows, kernel_calls, gemms", [(4, 2, 1), (96, 0, 3)])
 def test_int4_weight_uses_the_kernel_for_few_rows_and_a_gemm_for_more(rows, kernel_calls, gemms):
     x = torch.randn(rows, 256)
-    optimized = fxopt.optimize(Mlp().eval(), (x,), target="cuda", precision="int4-weight", progress=False)
-    assert optimized.pipeline.endswith("insert-qdq{scheme=weight-only,bits=4,group-size=128,skip=linear_2},"
-                                       "int4-linear")
+    optimized = fxopt.optimize(Mlp().eval(), (x,), target="cuda", precision="int4-weight", progress=False,
+                               options=INT4_RTN_G128)
+    assert optimized.pipeline.endswith("insert-qdq{scheme=weight-only,bits=4,group-size=128,method=rtn,"
+                                       "skip=linear_2},int4-linear")
     assert optimized.report()["lowering"]["precision"] == "int4-weight"
     graph = fxopt.Pipeline(optimized.pipeline)(fxopt.capture(Mlp().eval(), (x,))).graph
     assert sum(1 for _ in graph.call_nodes(torch.ops.fxopt.linear_int4.default)) == 2
@@ -187,7 +193,7 @@ def test_int4_linear_is_the_same_math_as_dequantize_then_linear():
 
 def test_the_int4_artifact_records_its_precision_and_loads(tmp_path):
     optimized = fxopt.optimize(Mlp().eval(), (torch.randn(2, 256),), target="cuda", precision="int4-weight",
-                               progress=False)
+                               progress=False, options=INT4_RTN_G128)
     directory = optimized.save(tmp_path / "int4")
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["extra"]["report"]["lowering"]["precision"] == "int4-weight"
@@ -195,3 +201,39 @@ def test_the_int4_artifact_records_its_precision_and_loads(tmp_path):
     assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_int4.default)) == 2
     packed = [t for name, t in loaded.graph.params().items() if name.endswith("weight_int4")]
     assert len(packed) == 2 and all(t.dtype == torch.uint8 for t in packed)  # int4 codes, two a byte, on disk
+
+
+def test_keep_float_builds_fp16_gemms_beside_fp8_ones_and_records_the_choice(tmp_path):
+    """Mixed precision adds no new op: the kept linears are plain linears, cuBLASLt's fp16 GEMMs."""
+    torch.manual_seed(0)
+    model, x = Qkv().eval(), torch.randn(4, 8, 32)
+    batches = [(torch.randn(4, 8, 32),) for _ in range(2)]
+    optimized = fxopt.optimize(model, (x,), target="cuda", precision="fp8", calibration_data=batches,
+                               options={"keep_float": 2}, progress=False)
+    plan = optimized.report()["keep_float"]
+    assert plan["kept"] == 2 and plan["of"] == 5 and len(plan["sensitivity"]) == 5
+    assert optimized.pipeline.endswith(f",quantize-fp8{{skip={';'.join(plan['keep_float'])}}}")
+    main, _ = relax_calls(optimized.graph)
+    assert main.count("fxopt.cublaslt.matmul_fp8_bias") == 3
+    assert main.count("fxopt.cublaslt.matmul(") + main.count("fxopt.cublaslt.matmul_bias") == 3  # 2 kept, the head
+    directory = optimized.save(tmp_path / "fp8-mixed")
+    report = json.loads((directory / "manifest.json").read_text())["extra"]["report"]
+    assert report["lowering"]["keep_float"] == 2 and report["keep_float"]["keep_float"] == plan["keep_float"]
+    loaded = fxopt.load(directory)
+    assert sum(1 for _ in loaded.graph.call_nodes(torch.ops.fxopt.linear_fp8.default)) == 3
+
+
+def test_the_default_int4_recipe_builds_zero_point_kernels_and_records_its_options(tmp_path):
+    """GPTQ on the calibration data, groups of 32 with a zero point each: fxopt.int4.linear_zp for few rows."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 256)
+    optimized = fxopt.optimize(Mlp().eval(), (x,), target="cuda", precision="int4-weight",
+                               calibration_data=[(torch.randn(4, 256),) for _ in range(3)], progress=False)
+    assert "group-size=32,symmetric=false,method=gptq" in optimized.pipeline
+    lowering = optimized.report()["lowering"]
+    assert (lowering["int4_group"], lowering["int4_zero_point"], lowering["int4_rounding"]) == (32, True, "gptq")
+    assert lowering["keep_float"] == "auto" and "fidelity_target" in optimized.report()["keep_float"]
+    main, _ = relax_calls(optimized.graph)
+    int4 = sum(1 for _ in optimized.graph.call_nodes(torch.ops.fxopt.linear_int4.default))
+    assert int4 == 2 - optimized.report()["keep_float"]["kept"]  # linear_2 (48 columns) is never int4
+    assert main.count("fxopt.int4.linear_zp") == int4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -44,8 +45,10 @@ def test_the_cuda_bundle_holds_every_precision_built_once_with_the_shared_files_
     names = [c["name"] for c in meta["candidates"]]
     assert names == ["fp16", "fp8", "int8", "int4-weight"] == list(fxopt.targets.CudaTarget.options["precision"])
     pipelines = {c["name"]: c["pipeline"] for c in meta["candidates"]}
-    assert pipelines["fp16"].endswith("fuse-attention") and pipelines["fp8"].endswith(",quantize-fp8")
-    assert pipelines["int8"].endswith(",smooth-quant{alpha=0.5},quantize-int8")
+    # each precision as optimize builds it: keep_float="auto" may keep its most sensitive linears in float16
+    assert pipelines["fp16"].endswith("fuse-attention")
+    assert re.search(r",quantize-fp8(\{skip=[^}]*\})?$", pipelines["fp8"])
+    assert re.search(r",smooth-quant\{alpha=0.5\},quantize-int8(\{skip=[^}]*\})?$", pipelines["int8"])
     assert pipelines["int4-weight"].endswith(",int4-linear")
     assert meta["fidelity_batches"] == {"fit": 3, "held_out": 1}
     # every candidate ships the CUDA extension: the bundle keeps one copy; fp8 quantizes its weights at load,
