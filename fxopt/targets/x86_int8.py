@@ -3,10 +3,13 @@ compiled with TorchInductor where that measures faster (``compile``)."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Optional
 
 from fxopt.backends import x86_int8
 from fxopt.backends.x86_int8.inductor import COMPILE_MODES
+from fxopt.backends.x86_int8.isa import ISA_ORDER, isa_by_name, lacks
+from fxopt.errors import ArtifactError
 from fxopt.passes.quantize.mixed_precision import run_outputs
 from fxopt.search import run_outputs_of
 from fxopt.targets.base import Build, Preset, Target, say
@@ -26,17 +29,42 @@ class X86Int8Target(Target):
     name = x86_int8.TARGET
     presets = X86_PRESETS
     default_preset = "balanced"
-    #: None: $FXOPT_X86_COMPILE, else the path the saved build measured faster, else auto (measure both)
-    options = {"compile": (None, *COMPILE_MODES)}
+    #: compile: None: $FXOPT_X86_COMPILE, else the path the saved build measured faster, else auto (measure both).
+    #: isa: the deployment CPU's int8 instructions (None: this CPU's); the weight format follows it (7-bit weights
+    #: only for avx2). isa_fallback (fxopt.load): load on a CPU that lacks the ISA the artifact was built for,
+    #: with a warning, instead of an ArtifactError.
+    options = {"compile": (None, *COMPILE_MODES), "isa": (None, *ISA_ORDER), "isa_fallback": (False, True)}
     calibrates = True
 
     def build(self, context):
         started = time.perf_counter()
-        say(context.progress, "fxopt x86-int8: smooth-quant, calibrate int8 ranges, insert Q/DQ ...")
+        isa = self.built_for()
+        say(context.progress, f"fxopt x86-int8: smooth-quant, calibrate int8 ranges, insert Q/DQ for {isa.name} ...")
         quantized, spec = quantize_with(context.fused, context.calibration, context.progress,
-                                        context.preset.settings.get("float_share"))
-        stats = {"quantize": {"spec": spec, "seconds": round(time.perf_counter() - started, 1)}}
+                                        context.preset.settings.get("float_share"), isa=isa)
+        stats = {"quantize": {"spec": spec, "isa": isa.name, "seconds": round(time.perf_counter() - started, 1)}}
         return Build(quantized, f"{context.pipeline},{spec}", self.name, stats)
+
+    def built_for(self):
+        """The ISA the build is for: the ``isa`` option, else this CPU's."""
+        return isa_by_name(self.settings["isa"]) if self.settings["isa"] else x86_int8.detect_isa()
+
+    def load(self, graph, directory, manifest):
+        """Refuse (ArtifactError) a CPU that lacks the ISA the artifact was built for, unless ``isa_fallback``,
+        which warns; then lower on this CPU's kernels."""
+        report = (manifest.get("extra") or {}).get("report") or {}
+        built_for = (report.get("quantize") or {}).get("isa")
+        host = x86_int8.detect_isa()
+        if built_for in ISA_ORDER and lacks(host, isa_by_name(built_for)):
+            message = (f"{directory}: built for {built_for} (int8 codes sized for its exact accumulation), but this "
+                       f"CPU has {host.name}")
+            if not self.settings["isa_fallback"]:
+                raise ArtifactError(f"{message}; build it here again (or with optimize(..., isa={host.name!r})), "
+                                    "or load it with fxopt.load(dir, isa_fallback=True) to run it on this CPU's "
+                                    "kernels at lower fidelity")
+            warnings.warn(f"{message}: running on this CPU's kernels (activation codes respread where they "
+                          "would overflow; less accurate than a build for it)", stacklevel=3)
+        return super().load(graph, directory, manifest)
 
     def lower(self, graph, example_inputs=(), progress=False, built_with=None):
         say(progress, f"fxopt x86-int8: lowering to the int8 kernels of this CPU ({x86_int8.detect_isa().name}) ...")

@@ -32,15 +32,15 @@ def quantize_for_x86(graph: Graph, example_inputs, calibration_data, progress: b
 
 
 def quantize_with(graph: Graph, batches: Batches, progress: bool = True,
-                  float_share: Optional[float] = None) -> Tuple[Graph, str]:
-    """:func:`quantize_for_x86` on calibration :class:`Batches`. ``float_share`` of the most sensitive linears
-    keep float activations; by default :data:`NO_VNNI_FLOAT_ACTIVATION_SHARE` on CPUs without VNNI (7-bit
-    weights there), none with it."""
+                  float_share: Optional[float] = None, isa=None) -> Tuple[Graph, str]:
+    """:func:`quantize_for_x86` on calibration :class:`Batches`, for ``isa`` (default: this CPU's).
+    ``float_share`` of the most sensitive linears keep float activations; by default
+    :data:`NO_VNNI_FLOAT_ACTIVATION_SHARE` on CPUs without VNNI (7-bit weights there), none with it."""
     if float_share is None:
-        float_share = NO_VNNI_FLOAT_ACTIVATION_SHARE if x86_weight_bits() < 8 else 0.0
+        float_share = NO_VNNI_FLOAT_ACTIVATION_SHARE if x86_weight_bits(isa) < 8 else 0.0
     calibrated = calibrate_for_x86(graph, batches, progress)
     skip = most_sensitive_layers(calibrated, batches.take(0, 1), float_share, progress) if float_share else ()
-    quantized, spec = insert_qdq_for_x86(calibrated, skip, calibration=batches)
+    quantized, spec = insert_qdq_for_x86(calibrated, skip, calibration=batches, isa=isa)
     smoothed_bytes = calibrated.size_bytes_not_in(graph)
     del calibrated
     release_dropped_graphs(smoothed_bytes)  # the smoothed float weights, as large as the linears, go with it
@@ -58,10 +58,11 @@ def calibrate_for_x86(graph: Graph, batches, progress: bool = True) -> Graph:
     return calibrate_smoothed(graph, batches, SMOOTH_ALPHA, progress=progress, qdtype="int8")
 
 
-def x86_weight_bits() -> int:
-    """8, or 7 on CPUs without VNNI: there 7-bit weights keep the int8 GEMM exact on 8-bit activations
-    (fxopt/backends/x86_int8/isa.py; on MiniLM that beats 7-bit activations, benchmarks/results/x86_int8_cpu2.md)."""
-    return 8 if x86_int8.detect_isa().exact_8bit else 7
+def x86_weight_bits(isa=None) -> int:
+    """8, or 7 for CPUs without VNNI (``isa``, default this CPU's): there 7-bit weights keep the int8 GEMM exact
+    on 8-bit activations (fxopt/backends/x86_int8/isa.py; on MiniLM that beats 7-bit activations,
+    benchmarks/results/x86_int8_cpu2.md)."""
+    return 8 if (isa or x86_int8.detect_isa()).exact_8bit else 7
 
 
 def float_layers_for(calibrated: Graph, batches, tolerance: float, metric: Optional[Callable] = None,
@@ -72,7 +73,8 @@ def float_layers_for(calibrated: Graph, batches, tolerance: float, metric: Optio
                                **options)
 
 
-def insert_qdq_for_x86(calibrated: Graph, skip: Sequence[str] = (), calibration=None) -> Tuple[Graph, str]:
+def insert_qdq_for_x86(calibrated: Graph, skip: Sequence[str] = (), calibration=None,
+                       isa=None) -> Tuple[Graph, str]:
     """Static int8 Q/DQ (embeddings too; 7-bit weights GPTQ-rounded on ``calibration``'s first batches); the
     ``skip``ped linears keep float activations with int8 weights.
 
@@ -80,7 +82,7 @@ def insert_qdq_for_x86(calibrated: Graph, skip: Sequence[str] = (), calibration=
     backend dequantizes those weights once, at load); on MiniLM it loses far less than their
     activations' quantization did (benchmarks/results/x86_int8_cpu2.md).
     """
-    bits = x86_weight_bits()
+    bits = x86_weight_bits(isa)
     # GPTQ rounding for 7-bit weights: MiniLM on AVX2 0.9975/0.938 -> 0.9983/0.961 (cosine/NN). For 8-bit
     # weights it raised the cosine (0.9980 -> 0.9985) but not NN agreement, so round-to-nearest stays there.
     sample = None if calibration is None else as_batches(calibration).take(0, PASS_CALIBRATION_BATCHES)

@@ -61,6 +61,15 @@ ISAS = {
 }
 
 
+#: weakest to strongest: an artifact built for one ISA needs a CPU with it or a later one in this order
+ISA_ORDER = ("avx2", "avx-vnni", "avx512-vnni", "amx")
+
+
+def lacks(host: Isa, built_for: Isa) -> bool:
+    """Whether a CPU with ``host`` lacks what an artifact built for ``built_for`` was made for."""
+    return ISA_ORDER.index(host.name) < ISA_ORDER.index(built_for.name)
+
+
 def cpu_flags() -> FrozenSet[str]:
     """The CPU feature flags of ``/proc/cpuinfo`` (empty where that file does not exist)."""
     try:
