@@ -81,8 +81,9 @@ class X86Int8Target(Target):
     def candidates(self, context):
         yield from float_candidates(self, context)
         calibrated = calibrate_for_x86(context.fused, context.calibration, context.progress)
-        quantized, spec = insert_qdq_for_x86(calibrated, calibration=context.calibration)
-        yield candidate(self, "int8", f"{context.pipeline},{spec}", quantized, compressed=True)
+        quantized, spec = insert_qdq_for_x86(calibrated, calibration=context.calibration, isa=self.built_for())
+        yield candidate(self, "int8", f"{context.pipeline},{spec}", quantized, compressed=True,
+                        stats={"quantize": {"spec": spec, "isa": self.built_for().name}})
         mixed = self._mixed_precision_candidate(calibrated, context)
         if mixed is not None:
             yield mixed
@@ -99,9 +100,10 @@ class X86Int8Target(Target):
         ranked = [row.name for row in plan.rows]
         reference = run_outputs(context.original, batches)
         for kept in range(len(plan.float_layers), len(ranked)):
-            graph, spec = insert_qdq_for_x86(calibrated, ranked[:kept], calibration=batches)
+            graph, spec = insert_qdq_for_x86(calibrated, ranked[:kept], calibration=batches, isa=self.built_for())
             found = candidate(self, f"int8, {kept} of {len(ranked)} layers float", f"{context.pipeline},{spec}",
-                              graph, compressed=True, stats={"mixed_precision": plan.format()})
+                              graph, compressed=True, stats={"mixed_precision": plan.format(),
+                                                             "quantize": {"spec": spec, "isa": self.built_for().name}})
             if tolerance.meets(tolerance.value(reference, run_outputs_of(found.runner, batches))):
                 return found
         return None
