@@ -291,7 +291,8 @@ def _check_one_input(spec: InputSpec, value) -> None:
     if not ok:
         raise InputError(
             f"input {spec.name}: shape {list(value.shape)} does not match the captured {spec.describe()}; "
-            "re-capture with dynamic_shapes to allow other sizes"
+            "to allow other sizes, capture with dynamic_shapes (fxopt.optimize(..., dynamic_shapes=...) or "
+            "fxopt.capture(..., dynamic_shapes=...))"
         )
     for dim, size in enumerate(value.shape):
         allowed = spec.range_of(dim)
