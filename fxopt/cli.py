@@ -50,11 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     opt = commands.add_parser("optimize", help="optimize a model and save the artifact")
-    opt.add_argument("factory", metavar="MODULE:FACTORY")
-    opt.add_argument("--target", default="eager", choices=list(targets))
-    opt.add_argument("--preset", choices=presets,
-                     help="the target's preset (each target lists its own: fxopt passes)")
-    opt.add_argument("--passes", help="a pipeline spec, e.g. 'cleanup,fuse-epilogue'")
+    _model_arguments(opt, targets, presets, target_required=False)
     opt.add_argument("--tolerance", type=_tolerance,
                      help="search the candidates and keep the fastest within it: cosine=0.99, max_rel_err=0.01, "
                           "or a number (max relative error)")
@@ -62,10 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     opt.set_defaults(handler=_optimize)
     bundle = commands.add_parser("search-bundle", help="build every search candidate into a bundle directory, to "
                                                        "measure and choose on another machine with `fxopt pick`")
-    bundle.add_argument("factory", metavar="MODULE:FACTORY")
-    bundle.add_argument("--target", required=True, choices=list(targets))
-    bundle.add_argument("--preset", choices=presets, help="the target's preset")
-    bundle.add_argument("--passes", help="a pipeline spec, e.g. 'cleanup,fuse-epilogue'")
+    _model_arguments(bundle, targets, presets, target_required=True)
     bundle.add_argument("--tolerance", type=_tolerance, required=True,
                         help="the tolerance pick chooses with unless it is given another: cosine=0.999, "
                              "max_rel_err=0.01, or a number (max relative error)")
@@ -127,6 +120,16 @@ def _pick(args) -> int:
     print(f"saved {os.path.abspath(args.out)}: {search['chosen']} ({search['tolerance']}), "
           f"{search['latency_ms']:.4g} ms; pipeline {chosen.pipeline}")
     return 0
+
+
+def _model_arguments(parser, targets, presets, target_required: bool) -> None:
+    """The model factory, target, preset and passes: what optimize and search-bundle both take."""
+    parser.add_argument("factory", metavar="MODULE:FACTORY")
+    parser.add_argument("--target", choices=list(targets), **({"required": True} if target_required
+                                                              else {"default": "eager"}))
+    parser.add_argument("--preset", choices=presets,
+                        help="the target's preset (each target lists its own: fxopt passes)")
+    parser.add_argument("--passes", help="a pipeline spec, e.g. 'cleanup,fuse-epilogue'")
 
 
 def _tolerance(text: str):
